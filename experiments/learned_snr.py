@@ -1,0 +1,10 @@
+"""The default experiment: a continuous-time VDM with a learned noise schedule on mnist_subset.
+
+Sized for about 15 minutes on a 2-core CPU (`make train EXP=learned_snr`).
+"""
+
+from jvdm.config import base_config
+
+
+def get_config():
+    return base_config()

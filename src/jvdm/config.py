@@ -1,0 +1,214 @@
+"""The experiment configuration: one locked ``ml_collections.ConfigDict`` with nested sections.
+
+Every experiment in ``experiments/`` starts from :func:`base_config` and overrides a few fields;
+none copies it. The config is locked, so a typo (``config.optimizer.lrr = 1``) or a value of the
+wrong type is an error at once, and :func:`validate` checks the values once, naming the bad field.
+
+Sections: ``data``, ``model`` (the denoiser), ``gamma`` (the noise schedule), ``optimizer``,
+``train`` and ``eval``. Only the entry points (``cli``, ``train``) and ``model.from_config`` read
+it; everything below them takes explicit keyword arguments.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import pathlib
+from collections.abc import Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+PREDICTIONS = ("eps", "x0", "v")
+SCHEDULES = ("learned", "linear", "cosine", "ddpm")
+SAMPLERS = ("ancestral", "ddim", "dpm_solver")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The defaults shared by every experiment (a small VDM on ``mnist_subset``)."""
+    c = ml_collections.ConfigDict()
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "mnist_subset"
+    c.data.train_split = "train"
+    c.data.eval_split = "test"
+    c.data.data_dir = config_dict.placeholder(str)
+    c.data.random_flip = False
+
+    c.model = ml_collections.ConfigDict()
+    c.model.channels = 32
+    c.model.channel_mult = (1, 2, 2)
+    c.model.num_res_blocks = 2
+    c.model.attention_resolutions = (7,)
+    c.model.num_heads = 1
+    c.model.num_groups = 8
+    c.model.dropout = 0.1
+    c.model.use_fourier_features = True
+    c.model.prediction = "eps"
+    # 0 means continuous time (VDM eq. 17); T > 0 gives the discrete-time bound with T steps.
+    c.model.timesteps = 0
+    c.model.use_antithetic_time = True
+    c.model.dtype = "float32"  # compute dtype of the denoiser; parameters stay float32
+    c.model.use_remat = False
+
+    c.gamma = ml_collections.ConfigDict()
+    c.gamma.schedule = "learned"
+    c.gamma.gamma_min = -13.3
+    c.gamma.gamma_max = 5.0
+    c.gamma.hidden = 1024
+    # Train the schedule's interior on the variance of the loss (VDM appendix I.2).
+    c.gamma.use_variance_gradient = True
+    c.gamma.ddpm_timesteps = 1000
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 2e-3
+    c.optimizer.warmup_steps = 200
+    c.optimizer.decay = "cosine"  # "cosine" or "constant" after warm-up
+    c.optimizer.final_lr_fraction = 0.05
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.99
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.01
+    c.optimizer.grad_clip = 1.0
+    c.optimizer.ema_decay = 0.999
+
+    c.train = ml_collections.ConfigDict()
+    c.train.seed = 0
+    c.train.batch_size = 64
+    c.train.steps = 4000
+    c.train.log_every = 50
+    c.train.eval_every = 1000
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 3
+    c.train.max_consecutive_nonfinite = 10
+    # Evaluate the whole eval split (eval.final_draws draws per image), sample and plot at the end.
+    c.train.use_final_eval = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 250
+    c.eval.draws = 1
+    c.eval.num_samples = 64
+    c.eval.sampler = "ancestral"
+    c.eval.sample_steps = 250
+    c.eval.final_draws = 4
+
+    c.lock()
+    return c
+
+
+def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks a config's values once; raises ``ValueError`` naming the bad field."""
+
+    def need(ok: bool, field: str, value, what: str) -> None:
+        if not ok:
+            raise ValueError(f"config.{field}={value!r} is invalid: {what}")
+
+    m, g, o, t, e = c.model, c.gamma, c.optimizer, c.train, c.eval
+    need(m.channels > 0, "model.channels", m.channels, "must be positive")
+    need(
+        len(m.channel_mult) > 0 and all(k > 0 for k in m.channel_mult),
+        "model.channel_mult",
+        m.channel_mult,
+        "must be a non-empty tuple of positive ints",
+    )
+    need(m.num_res_blocks > 0, "model.num_res_blocks", m.num_res_blocks, "must be positive")
+    need(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must lie in [0, 1)")
+    need(m.prediction in PREDICTIONS, "model.prediction", m.prediction, f"one of {PREDICTIONS}")
+    need(m.timesteps >= 0, "model.timesteps", m.timesteps, "0 (continuous) or a positive T")
+    need(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "float32 or bfloat16")
+    need(g.schedule in SCHEDULES, "gamma.schedule", g.schedule, f"one of {SCHEDULES}")
+    need(
+        g.gamma_min < g.gamma_max,
+        "gamma.gamma_min",
+        g.gamma_min,
+        f"must be below gamma.gamma_max={g.gamma_max}",
+    )
+    need(g.hidden > 0, "gamma.hidden", g.hidden, "must be positive")
+    need(o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "must be positive")
+    need(o.warmup_steps >= 0, "optimizer.warmup_steps", o.warmup_steps, "must be >= 0")
+    need(o.decay in ("cosine", "constant"), "optimizer.decay", o.decay, "cosine or constant")
+    need(0.0 <= o.ema_decay < 1.0, "optimizer.ema_decay", o.ema_decay, "must lie in [0, 1)")
+    need(o.grad_clip > 0, "optimizer.grad_clip", o.grad_clip, "must be positive")
+    need(t.batch_size > 0, "train.batch_size", t.batch_size, "must be positive")
+    need(t.steps > 0, "train.steps", t.steps, "must be positive")
+    for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        need(t[name] > 0, f"train.{name}", t[name], "must be positive")
+    need(
+        t.max_consecutive_nonfinite > 0,
+        "train.max_consecutive_nonfinite",
+        t.max_consecutive_nonfinite,
+        "must be positive",
+    )
+    need(e.batch_size > 0, "eval.batch_size", e.batch_size, "must be positive")
+    need(e.draws > 0, "eval.draws", e.draws, "must be positive")
+    need(e.sampler in SAMPLERS, "eval.sampler", e.sampler, f"one of {SAMPLERS}")
+    need(e.sample_steps > 0, "eval.sample_steps", e.sample_steps, "must be positive")
+    return c
+
+
+def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """Loads ``get_config()`` from an experiment file such as ``experiments/learned_snr.py``."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.py")) if path.parent.is_dir() else []
+        hint = f" Known experiments in {path.parent}: {', '.join(known)}." if known else ""
+        raise ValueError(f"no experiment config at {str(path)!r}.{hint}")
+    spec = importlib.util.spec_from_file_location(f"jvdm_experiment_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} defines no get_config()")
+    config = module.get_config() if arg is None else module.get_config(arg)
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(f"{path}: get_config() must return an ml_collections.ConfigDict")
+    config.lock()
+    return config
+
+
+def _sections(node: ml_collections.ConfigDict) -> list[str]:
+    return sorted(k for k, v in node.items() if isinstance(v, ml_collections.ConfigDict))
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: Sequence[str]
+) -> ml_collections.ConfigDict:
+    """Applies ``section.field=value`` overrides (a leading ``--config.`` is allowed).
+
+    Values are parsed as Python literals where possible (``3``, ``1e-3``, ``(1, 2)``, ``None``,
+    ``True``) and as plain strings otherwise. An unknown field or a value of the wrong type is a
+    ``ValueError`` that names the field.
+    """
+    for item in overrides:
+        text = item.removeprefix("--").removeprefix("config.")
+        if "=" not in text:
+            raise ValueError(f"malformed override {item!r}: expected section.field=value")
+        dotted, raw = text.split("=", 1)
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        *parents, leaf = dotted.split(".")
+        node = config
+        for i, part in enumerate(parents):
+            if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+                raise ValueError(
+                    f"unknown config section {'.'.join(parents[: i + 1])!r} in override {item!r}; "
+                    f"sections: {_sections(node)}"
+                )
+            node = node[part]
+        if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
+            raise ValueError(
+                f"unknown config field {dotted!r} in override {item!r}; "
+                f"fields here: {sorted(node.keys())}"
+            )
+        current = node[leaf]
+        if isinstance(current, tuple) and isinstance(value, list | int):
+            value = tuple(value) if isinstance(value, list) else (value,)
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        try:
+            node[leaf] = value
+        except (TypeError, AttributeError) as err:
+            raise ValueError(f"bad value in override {item!r}: {err}") from None
+    return config
