@@ -1,0 +1,275 @@
+"""The ``jvdm`` command: ``train``, ``sample``, ``eval`` and ``data {prepare,list}``.
+
+Examples::
+
+  jvdm train --config experiments/learned_snr.py --workdir runs/learned_snr --config.train.steps=100
+  jvdm train --config experiments/tiny.py --workdir /tmp/tiny train.steps=2
+  jvdm sample --workdir runs/learned_snr --n 64 --out grid.png --sampler dpm_solver --steps 20
+  jvdm eval --workdir runs/learned_snr --split test --draws 4
+  jvdm data prepare mnist_subset
+  jvdm data list
+
+A user error (missing file, config typo, bad argument, unprepared dataset) prints one line
+``jvdm: error: ...`` and exits with status 2; set ``JVDM_DEBUG=1`` to see the traceback instead.
+jax and tfds are imported only by the subcommands that need them, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A mistake of the caller, reported in one line with exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage dump
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(prog="jvdm", description="Variational Diffusion Models in JAX/Flax.")
+    sub = parser.add_subparsers(
+        dest="command", metavar="{train,sample,eval,data}", parser_class=_Parser
+    )
+
+    p = sub.add_parser(
+        "train",
+        help="train a model",
+        description="Train (or resume) an experiment. Overrides: --config.section.field=value or "
+        "section.field=value, e.g. --config.train.steps=100 model.channels=16.",
+    )
+    p.add_argument(
+        "--config",
+        required=True,
+        help="experiment file, e.g. experiments/tiny.py (append :ARG to pass ARG to get_config)",
+    )
+    p.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics)")
+
+    p = sub.add_parser("sample", help="draw samples from a trained model into a PNG grid")
+    p.add_argument("--workdir", required=True, help="run directory or one checkpoint directory")
+    p.add_argument("--n", type=_positive_int, default=64, help="number of images (default 64)")
+    p.add_argument("--out", default=None, help="PNG path (default WORKDIR/samples.png)")
+    p.add_argument("--sampler", default="ancestral", help="ancestral | ddim | dpm_solver")
+    p.add_argument("--steps", type=_positive_int, default=None, help="sampling steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1]")
+    p.add_argument("--batch-size", type=_positive_int, default=None)
+    p.add_argument("--save-npy", default=None, help="also save the uint8 images as .npy here")
+
+    p = sub.add_parser("eval", help="bits per dimension over a dataset split")
+    p.add_argument("--workdir", required=True, help="run directory or one checkpoint directory")
+    p.add_argument("--split", default=None, help="split (default: the config's data.eval_split)")
+    p.add_argument("--draws", type=_positive_int, default=None, help="noise draws per image")
+    p.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help="discrete-time bound with T=STEPS (default: the model's own bound)",
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None, help="tfds data dir (default: the config's)")
+
+    p = sub.add_parser("data", help="prepare or list datasets")
+    data_sub = p.add_subparsers(dest="data_command", metavar="{prepare,list}", parser_class=_Parser)
+    q = data_sub.add_parser("prepare", help="build/download a dataset in array_record format")
+    q.add_argument("name")
+    q.add_argument("--data-dir", default=None)
+    q = data_sub.add_parser("list", help="list known datasets and whether they are prepared")
+    q.add_argument("--data-dir", default=None)
+    return parser
+
+
+def _split_overrides(extra: Sequence[str]) -> list[str]:
+    """``--config.a.b=v``, ``--config.a.b v`` and bare ``a.b=v`` tokens as ``a.b=v`` strings."""
+    overrides, i = [], 0
+    while i < len(extra):
+        token = extra[i]
+        if token.startswith("--config."):
+            body = token.removeprefix("--config.")
+            if "=" not in body:
+                if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
+                    raise UsageError(f"override {token!r} has no value: use {token}=VALUE")
+                body = f"{body}={extra[i + 1]}"
+                i += 1
+            overrides.append(body)
+        elif not token.startswith("-") and "=" in token:
+            overrides.append(token)
+        else:
+            raise UsageError(
+                f"unrecognised argument {token!r}; overrides look like "
+                "--config.section.field=value or section.field=value"
+            )
+        i += 1
+    return overrides
+
+
+def _load_config(spec: str, overrides: Sequence[str]):
+    from jvdm import config as config_lib
+
+    path, arg = spec, None
+    if not os.path.exists(spec) and ":" in spec:
+        path, arg = spec.rsplit(":", 1)
+    # An unknown file is a ValueError whose message lists the experiments of that directory.
+    config = config_lib.load_config_file(path, arg)
+    config = config_lib.apply_overrides(config, overrides)
+    return config_lib.validate(config)
+
+
+def _cmd_train(args, extra) -> int:
+    config = _load_config(args.config, _split_overrides(extra))
+    # import_module: `jvdm.train` may also be the name of a function in the package namespace.
+    train_lib = importlib.import_module("jvdm.train")
+
+    result = train_lib.train(config, args.workdir)
+    if result:
+        print(json.dumps(result, indent=2, sort_keys=True, default=_json_default))
+    return 0
+
+
+def _json_default(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _cmd_sample(args) -> int:
+    import jax
+
+    from jvdm import evaluate, sampling, viz
+
+    if args.sampler not in sampling.SAMPLERS:
+        raise UsageError(
+            f"--sampler {args.sampler!r}: expected one of {', '.join(sampling.SAMPLERS)}"
+        )
+    params = evaluate.load(args.workdir)
+    images = sampling.sample(
+        params,
+        jax.random.key(args.seed),
+        args.n,
+        steps=args.steps,
+        sampler=args.sampler,
+        eta=args.eta,
+        batch_size=args.batch_size,
+    )
+    out = args.out or os.path.join(evaluate.resolve_checkpoint(args.workdir)[0], "samples.png")
+    viz.save_image_grid(images, out)
+    if args.save_npy:
+        import numpy as np
+
+        np.save(args.save_npy, images)
+    print(
+        json.dumps(
+            {
+                "out": os.fspath(out),
+                "n": args.n,
+                "sampler": args.sampler,
+                "steps": args.steps or sampling.default_steps(params.model, args.sampler),
+            }
+        )
+    )
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import jax
+
+    from jvdm import evaluate
+
+    params, config = evaluate.load_with_config(args.workdir)
+    split = args.split or config.data.eval_split
+    result = evaluate.evaluate_split(
+        params,
+        dataset=config.data.name,
+        split=split,
+        key=jax.random.key(args.seed),
+        draws=args.draws or config.eval.draws,
+        batch_size=args.batch_size or config.eval.batch_size,
+        steps=args.steps,
+        data_dir=args.data_dir or config.data.data_dir,
+    )
+    result = {"dataset": config.data.name, "split": split, **result}
+    result["summary"] = f"{result['bpd_mean']:.4f} ± {result['bpd_sem']:.4f} bpd (mean ± SEM)"
+    print(json.dumps(result, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from jvdm import data as data_lib
+
+    if args.data_command == "prepare":
+        path = data_lib.prepare(args.name, data_dir=args.data_dir)
+        print(f"{args.name}: prepared in {path}")
+        return 0
+    if args.data_command == "list":
+        print(f"data dir: {data_lib.get_data_dir(args.data_dir)}")
+        for name, is_prepared, shape in data_lib.list_datasets(args.data_dir):
+            status = "prepared" if is_prepared else "not prepared"
+            print(f"  {name:<28} {'x'.join(map(str, shape)):<9} {status}")
+        return 0
+    raise UsageError("`jvdm data` needs a subcommand: prepare NAME or list")
+
+
+def _run(argv: Sequence[str]) -> int:
+    parser = _build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        raise UsageError("missing command: one of train, sample, eval, data (see `jvdm --help`)")
+    if args.command != "train" and extra:
+        raise UsageError(
+            f"unrecognised arguments: {' '.join(extra)} (see `jvdm {args.command} --help`)"
+        )
+    if args.command == "train":
+        return _cmd_train(args, extra)
+    if args.command == "sample":
+        return _cmd_sample(args)
+    if args.command == "eval":
+        return _cmd_eval(args)
+    return _cmd_data(args)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = bool(os.environ.get("JVDM_DEBUG"))
+    try:
+        return _run(argv)
+    except SystemExit as exit_:  # --help
+        return exit_.code if isinstance(exit_.code, int) else 0
+    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError) as err:
+        # ValueError covers config typos (ml_collections raises KeyError -> wrapped by
+        # apply_overrides), invalid values, unknown or unprepared datasets, bad sampler arguments.
+        if debug:
+            raise
+        print(f"jvdm: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("jvdm: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,149 @@
+"""The ``jvdm`` command line: clear one-line errors with exit status 2, and the happy paths."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from jvdm import cli
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+TINY = os.path.join(ROOT, "experiments", "tiny.py")
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err  # one line, no traceback, no usage dump
+    assert lines[0].startswith("jvdm: error: "), err
+    return lines[0]
+
+
+def test_data_list(capsys):
+    assert cli.main(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "mnist_subset" in out and "digits" in out and "cifar10" in out and "data dir:" in out
+
+
+def test_data_prepare_unknown_dataset(capsys):
+    assert cli.main(["data", "prepare", "imagenet_full"]) == 2
+    line = _error_line(capsys)
+    assert "imagenet_full" in line and "known datasets" in line
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["--config.model.chanels=16"], ["unknown config field 'model.chanels'", "channels"]),
+        (["modell.channels=16"], ["unknown config section 'modell'"]),
+        (["--config.model.channels=sixteen"], ["model.channels"]),
+        (["--config.model.dropout=2.0"], ["config.model.dropout=2.0 is invalid"]),
+        (["--config.model.channels"], ["has no value", "--config.model.channels=VALUE"]),
+        (["model.channels"], ["unrecognised argument 'model.channels'", "section.field=value"]),
+    ],
+)
+def test_train_config_errors(tmp_path, capsys, overrides, expected):
+    argv = ["train", "--config", TINY, "--workdir", str(tmp_path / "run"), *overrides]
+    assert cli.main(argv) == 2
+    line = _error_line(capsys)
+    for text in expected:
+        assert text in line, line
+
+
+def test_train_unknown_experiment(tmp_path, capsys):
+    missing = os.path.join(ROOT, "experiments", "learned_snrr.py")
+    assert cli.main(["train", "--config", missing, "--workdir", str(tmp_path)]) == 2
+    line = _error_line(capsys)
+    assert "learned_snrr.py" in line and "learned_snr" in line and "tiny" in line
+
+
+def test_train_passes_the_overridden_validated_config(tmp_path, monkeypatch, capsys):
+    calls = []
+    fake = types.ModuleType("jvdm.train")
+    fake.train = lambda config, workdir: calls.append((config, workdir)) or {"bpd": 1.5}
+    monkeypatch.setitem(sys.modules, "jvdm.train", fake)
+    argv = [
+        "train",
+        "--config",
+        TINY,
+        "--workdir",
+        str(tmp_path),
+        "--config.train.steps=3",
+        "--config.model.channels",
+        "16",
+        "data.name=digits",
+    ]
+    assert cli.main(argv) == 0
+    ((config, workdir),) = calls
+    assert workdir == str(tmp_path)
+    assert (config.train.steps, config.model.channels, config.data.name) == (3, 16, "digits")
+    assert json.loads(capsys.readouterr().out) == {"bpd": 1.5}
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["sample", "--workdir", "{tmp}/nope", "--n", "4"], ["no run directory or checkpoint"]),
+        (["sample", "--workdir", "{tmp}", "--n", "4"], ["no checkpoint in", "checkpoints/<step>"]),
+        (["sample", "--workdir", "{tmp}", "--n", "0"], ["--n", "expected a positive integer"]),
+        (["sample", "--workdir", "{tmp}", "--steps", "-2"], ["--steps", "positive integer"]),
+        (["sample", "--workdir", "{tmp}", "--sampler", "euler"], ["euler", "dpm_solver"]),
+        (["eval", "--workdir", "{tmp}/nope"], ["no run directory or checkpoint"]),
+        (["eval", "--workdir", "{tmp}", "--draws", "0"], ["--draws", "positive integer"]),
+        (["sample"], ["--workdir"]),
+        (["frobnicate"], ["invalid choice", "frobnicate"]),
+        ([], ["missing command"]),
+    ],
+)
+def test_usage_errors(tmp_path, capsys, argv, expected):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert cli.main(argv) == 2
+    line = _error_line(capsys)
+    for text in expected:
+        assert text in line, line
+
+
+def test_python_dash_m_help():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-m", "jvdm", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    for command in ("train", "sample", "eval", "data"):
+        assert command in result.stdout
+
+
+def test_sample_a_saved_run(tmp_path, capsys):
+    from test_evaluate import write_run
+
+    write_run(str(tmp_path), steps=(1,))
+    out = tmp_path / "grid.png"
+    # 8 images, 3 steps: the program test_sampling's tiny-model test uses (compiled once for both).
+    argv = ["sample", "--workdir", str(tmp_path), "--n", "8", "--steps", "3", "--out", str(out)]
+    assert cli.main(argv + ["--save-npy", str(tmp_path / "x.npy")]) == 0
+    assert json.loads(capsys.readouterr().out)["out"] == str(out)
+    from PIL import Image
+
+    with Image.open(out) as picture:  # 3 x 3 grid of 8 x 8 digits with 2 pixels of padding
+        assert picture.size == (3 * 10 + 2, 3 * 10 + 2) and picture.mode == "L"
+    x = np.load(tmp_path / "x.npy")
+    assert x.shape == (8, 8, 8, 1) and x.dtype == np.uint8
+
+
+@pytest.mark.slow
+def test_eval_a_saved_run(tmp_path, capsys):
+    from test_evaluate import write_run
+
+    write_run(str(tmp_path), steps=(1,))
+    assert cli.main(["eval", "--workdir", str(tmp_path), "--batch-size", "100"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["num_images"] == 297 and result["split"] == "test"
+    assert np.isfinite(result["bpd_mean"]) and "±" in result["summary"]

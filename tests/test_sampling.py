@@ -1,0 +1,293 @@
+"""Samplers: exact on Gaussian data, one compilation, deterministic by key, strict arguments.
+
+With data ``x ~ N(M, S^2 I)`` the optimal denoiser is known in closed form,
+``eps_hat = sigma (z - alpha M) / (alpha^2 S^2 + sigma^2)``, and every sampler step is an affine map
+of ``z`` plus Gaussian noise. So the mean and variance of each sampler's output ``z_0`` can be
+computed *exactly* in NumPy float64 by propagating the moments through the same grid
+(``_exact_moments``, written independently of the JAX code from the papers' update rules). The
+sampled moments must match those within 4 standard errors, and the exact moments must approach the
+data's as the steps grow: for the converged settings (ancestral with 1000 steps, DPM-Solver++ with
+50) the samples match the data's moments within 4 standard errors directly.
+
+For reference, the exact discretisation biases of the variance on this problem (gamma in
+[-10, 12], S = 0.5): ancestral 1000 steps -1.1% (linear schedule; -3% on the steep learned one,
+whose uniform-t grid concentrates the change of gamma in a few steps), DDIM (eta = 0) 20 steps
+-24%, 500 steps -1.1%, DPM-Solver++(2M) 20 steps +3.4%, 50 steps +0.6% (any schedule: the
+fast samplers' grid is uniform in lambda). DDIM is a first-order method; that it needs many
+steps here is a property of DDIM, not of this implementation.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jvdm import evaluate, sampling
+from jvdm import model as model_lib
+from jvdm.nn import gamma as gamma_lib
+
+M, S = 0.3, 0.5
+SHAPE = (4, 4, 2)
+G_MIN, G_MAX = -10.0, 12.0  # gamma_max large: the prior N(0, I) matches q(z_1) to ~1e-5
+N_IMAGES = 1024
+
+
+class GaussianDenoiser(nn.Module):
+    """The exact E[eps | z_t] for data N(M, S^2 I); no parameters."""
+
+    @nn.compact
+    def __call__(self, z, gamma, *, train=False):
+        del train
+        g = gamma.reshape(-1, 1, 1, 1)
+        a2, s2 = jax.nn.sigmoid(-g), jax.nn.sigmoid(g)
+        return jnp.sqrt(s2) * (z - jnp.sqrt(a2) * M) / (a2 * S**2 + s2)
+
+
+def _perturbed_learned(key, hidden=4):
+    """A LearnedGamma with a random, strongly non-linear interior (end points kept): most of its
+    rise happens for t in [0.35, 0.75]."""
+    sched = gamma_lib.LearnedGamma(gamma_min_init=G_MIN, gamma_max_init=G_MAX, hidden=hidden)
+    params = sched.init(key, jnp.zeros((1,)))
+    k1, k2, k3 = jax.random.split(key, 3)
+    net = {
+        "l1": jnp.float32(0.05),
+        "l2_kernel": 25.0 * jax.random.normal(k1, (hidden,)),
+        "l2_bias": 8.0 * jax.random.normal(k2, (hidden,)),
+        "l3_kernel": 20.0 * jax.random.normal(k3, (hidden,)),
+    }
+    return sched, {"params": {**params["params"], "net": net}}
+
+
+def _gaussian_params(schedule_kind: str, *, timesteps=0):
+    if schedule_kind == "linear":
+        sched, sched_params = gamma_lib.FixedLinearGamma(gamma_min=G_MIN, gamma_max=G_MAX), None
+    else:
+        sched, sched_params = _perturbed_learned(jax.random.key(7))
+    model = model_lib.VDM(
+        denoiser=GaussianDenoiser(), schedule=sched, image_shape=SHAPE, timesteps=timesteps
+    )
+    params = model_lib.init(model, jax.random.key(0))
+    return params if sched_params is None else params.replace(schedule=sched_params)
+
+
+# ------------------------------------------------------------------------------------------------
+# The exact moments, in float64.
+
+
+def _coef(g):
+    return np.sqrt(1.0 / (1.0 + np.exp(g))), np.sqrt(1.0 / (1.0 + np.exp(-g)))  # alpha, sigma
+
+
+def _x0_affine(g):
+    """x0_hat = A z + B for the Gaussian denoiser (the posterior mean E[x | z])."""
+    a, s = _coef(g)
+    k = a * S**2 / (a * a * S**2 + s * s)
+    return k, M - k * a * M
+
+
+def _data_moments():
+    a0, s0 = _coef(G_MIN)
+    return a0 * M, a0 * a0 * S**2 + s0 * s0  # z_0 = alpha_0 x + sigma_0 eps
+
+
+def _exact_moments(sampler: str, grid, eta: float = 0.0):
+    """Mean and variance (per element) of z_0 after running ``sampler`` on ``grid`` (t=1 -> 0).
+
+    State: the joint Gaussian of (z_i, z_{i-1}), which DPM-Solver's two-step update needs.
+    """
+    grid = np.asarray(grid, np.float64)
+    steps = len(grid) - 1
+    mean, cov = np.zeros(2), np.diag([1.0, 0.0])
+    prev = None
+    for i in range(steps):
+        gt, gs = grid[i], grid[i + 1]
+        (at, st), (as_, ss) = _coef(gt), _coef(gs)
+        a0, b0 = _x0_affine(gt)
+        # DDIM/ancestral in x0 form: z_s = alpha_s x0 + sigma_s sqrt(1 - eta^2 c) eps_hat + noise,
+        # with eps_hat = (z - alpha_t x0) / sigma_t and c = 1 - SNR(t)/SNR(s).
+        c = 1.0 - np.exp(gs - gt)
+        if sampler in ("ancestral", "ddim"):
+            e = 1.0 if sampler == "ancestral" else eta
+            keep = np.sqrt(1.0 - e * e * c)
+            lz = as_ * a0 + ss * keep * (1.0 - at * a0) / st
+            lp, const = 0.0, as_ * b0 - ss * keep * at * b0 / st
+            noise_var = e * e * ss * ss * c
+        else:  # DPM-Solver++(2M), Lu et al. 2022b Algorithm 2
+            h = 0.5 * (gt - gs)
+            first = i == 0 or (steps < 15 and i == steps - 1)
+            w1, w2 = (1.0, 0.0) if first else (1.0 + 0.5 * h / prev[2], 0.5 * h / prev[2])
+            phi = as_ * (1.0 - np.exp(-h))
+            lz = ss / st + phi * w1 * a0
+            lp = -phi * w2 * prev[0] if not first else 0.0
+            const = phi * (w1 * b0 - (w2 * prev[1] if not first else 0.0))
+            noise_var = 0.0
+        lin = np.array([[lz, lp], [1.0, 0.0]])
+        mean = lin @ mean + np.array([const, 0.0])
+        cov = lin @ cov @ lin.T + np.diag([noise_var, 0.0])
+        prev = (a0, b0, 0.5 * (gt - gs))
+    return mean[0], cov[0, 0]
+
+
+def _assert_moments(z, mean, var, what):
+    z = np.asarray(z, np.float64).reshape(-1)
+    n = z.size
+    se_mean, se_var = np.sqrt(var / n), var * np.sqrt(2.0 / (n - 1))
+    assert abs(z.mean() - mean) < 4 * se_mean, (what, z.mean(), mean, se_mean)
+    assert abs(z.var(ddof=1) - var) < 4 * se_var, (what, z.var(ddof=1), var, se_var)
+
+
+# ------------------------------------------------------------------------------------------------
+# Exactness on Gaussian data.
+
+FEW_STEP_CASES = [
+    ("linear", "ddim", 20, 0.0),
+    ("learned", "ancestral", 50, 0.0),
+    ("learned", "ddim", 20, 0.5),
+    ("learned", "dpm_solver", 10, 0.0),  # < 15 steps: first-order last step
+]
+
+
+@pytest.mark.parametrize("schedule,sampler,steps,eta", FEW_STEP_CASES)
+def test_samplers_match_exact_moments_on_gaussian_data(schedule, sampler, steps, eta):
+    params = _gaussian_params(schedule)
+    _, grid = sampling.sampling_grid(params, steps, sampler)
+    z = sampling.sample_latents(
+        params, jax.random.key(1), N_IMAGES, steps=steps, sampler=sampler, eta=eta
+    )
+    assert z.shape == (N_IMAGES, *SHAPE) and z.dtype == np.float32
+    mean, var = _exact_moments(sampler, grid, eta)
+    _assert_moments(z, mean, var, (schedule, sampler, steps, eta))
+
+
+def test_fast_samplers_with_20_steps_are_close_to_the_data():
+    """DPM-Solver++ with 20 steps is within 4% of the data's variance (exact moments, no noise)."""
+    params = _gaussian_params("learned")
+    data_mean, data_var = _data_moments()
+    _, grid = sampling.sampling_grid(params, 20, "dpm_solver")
+    mean, var = _exact_moments("dpm_solver", grid)
+    assert abs(mean - data_mean) < 2e-3 and abs(var / data_var - 1) < 0.04
+
+
+@pytest.mark.parametrize(
+    "schedule,sampler,steps", [("linear", "ancestral", 1000), ("learned", "dpm_solver", 50)]
+)
+def test_converged_samplers_match_the_data(schedule, sampler, steps):
+    # Ancestral sampling walks a grid uniform in t, so its accuracy depends on the schedule's
+    # interior: on the steep learned schedule 1000 steps still leave a -3% variance bias (which
+    # test_samplers_match_exact_moments_on_gaussian_data confirms exactly at 50 steps). DDIM with
+    # eta = 1 is the same ancestral step on the uniform-lambda grid, independent of the interior.
+    params = _gaussian_params(schedule)
+    z = sampling.sample_latents(params, jax.random.key(2), N_IMAGES, steps=steps, sampler=sampler)
+    _assert_moments(z, *_data_moments(), (schedule, sampler, steps))
+
+
+def test_ddim_with_eta_one_is_the_ancestral_sampler():
+    # On a linear schedule the ancestral time grid and DDIM's lambda grid coincide.
+    params = _gaussian_params("linear")
+    key = jax.random.key(3)
+    anc = sampling.sample_latents(params, key, 8, steps=10, sampler="ancestral")
+    ddim = sampling.sample_latents(params, key, 8, steps=10, sampler="ddim", eta=1.0)
+    np.testing.assert_allclose(ddim, anc, rtol=1e-4, atol=1e-5)
+
+
+def test_sampling_grid_inverts_a_learned_schedule():
+    params = _gaussian_params("learned")
+    for sampler in ("ddim", "dpm_solver"):
+        t, g = sampling.sampling_grid(params, 16, sampler)
+        assert t[0] == 1.0 and t[-1] == 0.0 and np.all(np.diff(t) < 0)
+        # Uniform in lambda = -gamma/2 between the end points.
+        np.testing.assert_allclose(np.diff(g), (G_MIN - G_MAX) / 16, rtol=1e-4)
+        np.testing.assert_allclose(model_lib.gamma(params, jnp.asarray(t)), g, atol=1e-4)
+    t, g = sampling.sampling_grid(params, 8, "ancestral")
+    np.testing.assert_allclose(t, np.linspace(1, 0, 9), atol=1e-7)
+
+
+def test_discrete_time_model_samples_with_its_own_T():
+    params = _gaussian_params("linear", timesteps=7)
+    assert sampling.default_steps(params.model, "ancestral") == 7
+    t, _ = sampling.sampling_grid(params, None, "ancestral")
+    np.testing.assert_allclose(t, np.arange(7, -1, -1) / 7, atol=1e-7)
+    x = sampling.sample(params, jax.random.key(0), 4)
+    assert x.shape == (4, *SHAPE) and x.dtype == np.uint8
+
+
+# ------------------------------------------------------------------------------------------------
+# A tiny U-Net model: shapes, determinism, one compilation.
+
+TINY_SHAPE = (8, 8, 1)
+
+
+@pytest.fixture(scope="module")
+def tiny_params(tmp_path_factory):
+    """The tiny experiment's U-Net on digits, loaded from a run directory in the trainer's layout
+    (random weights: not the zero-initialised output layer of a fresh model)."""
+    from test_evaluate import write_run
+
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    write_run(str(workdir), steps=(1,))
+    params = evaluate.load(workdir)
+    assert params.model.image_shape == TINY_SHAPE
+    return params
+
+
+def test_tiny_model_samples_are_uint8_deterministic_and_compiled_once(tiny_params, key):
+    before = sampling.TRACE_COUNTS.copy()
+    # (8 images, 3 steps: the same program as test_cli's, which may have compiled it already.)
+    x = sampling.sample(tiny_params, key, 8, steps=3)
+    assert x.shape == (8, *TINY_SHAPE) and x.dtype == np.uint8
+    assert 0 <= x.min() <= x.max() <= 255 and len(np.unique(x)) > 1
+    first = sampling.TRACE_COUNTS - before
+    assert sum(first.values()) <= 1, first
+    # Same key, same images; a different key, different images; new parameters of the same model
+    # reuse the compiled program.
+    np.testing.assert_array_equal(sampling.sample(tiny_params, key, 8, steps=3), x)
+    assert not np.array_equal(sampling.sample(tiny_params, jax.random.key(1), 8, steps=3), x)
+    other = jax.tree.map(lambda p: p * 0.5, tiny_params)
+    assert not np.array_equal(sampling.sample(other, key, 8, steps=3), x)
+    assert sampling.TRACE_COUNTS - before == first  # no new compilation
+    assert set(first) <= {("ancestral", 3, 8, True)}
+
+
+def test_images_depend_on_key_and_index_only():
+    """Image i depends on (key, i) only: not on n, the chunk size or the device count (chunks of 8
+    are sharded over the 4 test devices, chunks of 3 are not; the last chunk of 3 is padded)."""
+    params = _gaussian_params("learned")
+    key = jax.random.key(11)
+    x = sampling.sample_latents(params, key, 8, steps=4)
+    y = sampling.sample_latents(params, key, 7, steps=4, batch_size=3)
+    np.testing.assert_array_equal(y, x[:7])
+
+
+@pytest.mark.slow
+def test_tiny_model_fast_samplers_run(tiny_params, key):
+    for sampler in ("ddim", "dpm_solver"):
+        x = sampling.sample(tiny_params, key, 4, steps=2, sampler=sampler)
+        assert x.shape == (4, *TINY_SHAPE) and x.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(n=0), "n=0; expected a positive integer"),
+        (dict(n=-3), "expected a positive integer number of images"),
+        (dict(n=2.5), "expected a positive integer number of images"),
+        (dict(steps=0), "steps=0; expected a positive integer"),
+        (dict(steps=-1), "steps=-1; expected a positive integer"),
+        (dict(sampler="euler"), "sampler='euler'; expected one of"),
+        (dict(sampler="ddim", eta=-0.1), "eta=-0.1; expected a number with 0 <= eta <= 1"),
+        (dict(sampler="ddim", eta=1.5), "expected a number with 0 <= eta <= 1"),
+        (dict(eta=0.5), "applies only to sampler='ddim'"),
+        (dict(batch_size=0), "batch_size=0; expected a positive integer"),
+    ],
+)
+def test_bad_arguments_raise_value_error(tiny_params, key, kwargs, match):
+    args = dict(n=2, steps=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        sampling.sample(tiny_params, key, **args)
+
+
+def test_params_must_be_vdm_params(key):
+    with pytest.raises(ValueError, match="VDMParams"):
+        sampling.sample({"denoiser": {}}, key, 2)
