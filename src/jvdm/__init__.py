@@ -1,5 +1,9 @@
 """jvdm: Variational Diffusion Models in JAX/Flax."""
 
+# _xla_defaults must run before JAX creates its backend (it is imported first). `jvdm.train` stays
+# the module (so `jvdm.train.train_step` and `import jvdm.train` work); the module is callable, so
+# `jvdm.train(config, workdir)` runs `jvdm.train.train` (DESIGN.md).
+from jvdm import _xla_defaults, train  # noqa: F401
 from jvdm.diffusion import posterior_mean_var, q_sample
 from jvdm.evaluate import bpd, load
 from jvdm.losses import (
@@ -26,9 +30,6 @@ from jvdm.schedules import (
     snr,
     snr_from_gamma,
 )
-# `jvdm.train` stays the module (so `jvdm.train.train_step` and `import jvdm.train` work); the module
-# is callable, so `jvdm.train(config, workdir)` runs `jvdm.train.train` as DESIGN.md lists it.
-from jvdm import train
 from jvdm.train import TrainState, create_train_state, train_step
 
 __version__ = "0.1.0"

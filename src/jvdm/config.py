@@ -38,11 +38,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.channels = 32
     c.model.channel_mult = (1, 2, 2)
-    c.model.num_res_blocks = 2
+    c.model.num_res_blocks = 1
     c.model.attention_resolutions = (7,)
     c.model.num_heads = 1
     c.model.num_groups = 8
-    c.model.dropout = 0.1
+    c.model.dropout = 0.0
     c.model.use_fourier_features = True
     c.model.prediction = "eps"
     # 0 means continuous time (VDM eq. 17); T > 0 gives the discrete-time bound with T steps.
@@ -62,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 2e-3
-    c.optimizer.warmup_steps = 200
+    c.optimizer.warmup_steps = 100
     c.optimizer.decay = "cosine"  # "cosine" or "constant" after warm-up
     c.optimizer.final_lr_fraction = 0.05
     c.optimizer.b1 = 0.9
@@ -74,10 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.seed = 0
-    c.train.batch_size = 64
-    c.train.steps = 4000
+    c.train.batch_size = 32
+    c.train.steps = 1300
     c.train.log_every = 50
-    c.train.eval_every = 1000
+    c.train.eval_every = 1300
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 3
     c.train.max_consecutive_nonfinite = 10
@@ -88,8 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 250
     c.eval.draws = 1
     c.eval.num_samples = 64
-    c.eval.sampler = "ancestral"
-    c.eval.sample_steps = 250
+    c.eval.sampler = "dpm_solver"
+    c.eval.sample_steps = 50
     c.eval.final_draws = 4
 
     c.lock()

@@ -1,0 +1,36 @@
+"""XLA:CPU defaults that jvdm measured to be faster, applied before JAX starts its backend.
+
+XLA reads ``XLA_FLAGS`` once, when the first backend is created, so this module must be imported
+before any computation runs (``jvdm/__init__.py`` imports it first). It only *adds* a flag that the
+user has not set; anything in the user's ``XLA_FLAGS`` wins.
+
+* ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``: in jaxlib 0.10.2, XLA:CPU
+  hands single convolutions to YNNPACK, which is markedly slower than XLA's own Eigen convolutions
+  for the small-image U-Net: the default train step went from 1625 to 1043 ms per step at batch 32
+  on a 2-core AVX-512 Xeon (``bench/flags.py``, ``bench/RESULTS.md``). The flag affects only the CPU
+  backend; GPU and TPU runs ignore it.
+
+Set ``JVDM_NO_XLA_DEFAULTS=1`` to leave ``XLA_FLAGS`` untouched.
+"""
+
+import os
+
+_DEFAULTS = {"--xla_cpu_experimental_ynn_fusion_type": "-individual_convolution"}
+
+
+def apply() -> bool:
+    """Adds the default flags to ``XLA_FLAGS``; returns whether anything was added.
+
+    If a JAX backend was already created (jax used before ``import jvdm``), the flags have no
+    effect on it: nothing breaks, that process simply runs without them.
+    """
+    if os.environ.get("JVDM_NO_XLA_DEFAULTS"):
+        return False
+    flags = os.environ.get("XLA_FLAGS", "")
+    added = [f"{k}={v}" for k, v in _DEFAULTS.items() if k not in flags]
+    if added:
+        os.environ["XLA_FLAGS"] = " ".join([flags, *added]).strip()
+    return bool(added)
+
+
+apply()

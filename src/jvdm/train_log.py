@@ -1,0 +1,136 @@
+"""What a training run writes: metrics, TensorBoard events, evaluations and their pictures.
+
+All files go to the run's work directory and are written by process 0 only; every process takes
+part in the computations (evaluation gathers across processes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+
+from jvdm import parallel
+
+__all__ = ["METRICS_FILE", "MetricsWriter", "evaluate_and_save", "plot_curves", "summarise"]
+
+METRICS_FILE = "metrics.jsonl"
+# Metrics that are counters (report the last value of an interval, not the mean).
+_LAST_VALUE = ("lr", "skipped_total", "skipped_consecutive")
+
+
+class MetricsWriter:
+    """``metrics.jsonl`` (one JSON record per call) and TensorBoard events, from process 0 only.
+
+    Opening it for a run resumed at ``start_step`` drops the records of later steps, which the
+    run is about to repeat.
+    """
+
+    def __init__(self, workdir: str, start_step: int):
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self.is_writer = jax.process_index() == 0
+        self.tb = None
+        if not self.is_writer:
+            return
+        self._truncate(start_step)
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def _truncate(self, start_step: int) -> None:
+        # A run stopped after its last checkpoint logged steps that the resumed run repeats.
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.readlines()
+        keep = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= start_step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a partial line from a killed run
+        with open(self.path, "w") as f:
+            f.writelines(keep)
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if not self.is_writer:
+            return
+        record = {"step": step, **{k: _json_number(v) for k, v in values.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in values.items():
+            if isinstance(v, int | float) and math.isfinite(v):
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _json_number(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no nan/inf
+    return v
+
+
+def summarise(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
+    """Means over a logging interval (last values for counters)."""
+    host = jax.device_get(pending)  # a no-op for values already on the host
+    out = {}
+    for k in host[0]:
+        values = np.asarray([m[k] for m in host], np.float64)
+        out[k] = float(values[-1] if k in _LAST_VALUE else np.mean(values))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def evaluate_and_save(config, state, workdir: str, step: int, *, draws: int, key) -> dict:
+    """Eval-split bpd with the EMA parameters, a sample grid and the schedule plot."""
+    from jvdm import evaluate, sampling, viz
+
+    params = state.ema_params
+    if jax.process_count() > 1:
+        # Each process works on a local copy (evaluate_split gathers the per-image values itself).
+        params = parallel.local_copy(params)
+    key = jax.random.fold_in(key, step)
+    k_eval, k_sample = jax.random.split(key)
+    result = evaluate.evaluate_split(
+        params,
+        dataset=config.data.name,
+        split=config.data.eval_split,
+        key=k_eval,
+        draws=draws,
+        batch_size=config.eval.batch_size,
+        data_dir=config.data.data_dir,
+    )
+    images = sampling.sample(
+        params,
+        k_sample,
+        config.eval.num_samples,
+        steps=config.eval.sample_steps,
+        sampler=config.eval.sampler,
+    )
+    paths = {
+        "samples": os.path.join(workdir, f"samples_{step:07d}.png"),
+        "gamma_plot": os.path.join(workdir, f"gamma_{step:07d}.png"),
+    }
+    if jax.process_index() == 0:
+        viz.save_image_grid(images, paths["samples"])
+        viz.plot_gamma(params, paths["gamma_plot"])
+    return {**result, **paths}
+
+
+def plot_curves(workdir: str) -> str:
+    from jvdm import viz
+
+    path = os.path.join(workdir, "bpd.png")
+    if jax.process_index() == 0:
+        viz.plot_metrics(os.path.join(workdir, METRICS_FILE), path)
+    return path

@@ -1,0 +1,52 @@
+"""One process of a multi-process training run on localhost (used by tests/test_train.py).
+
+    python tests/multiprocess_train.py --process-id 0 --num-processes 2 --port 12345 \
+        --workdir DIR [config overrides...]
+
+Each process gets its own CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N in the
+environment); the processes talk through jax.distributed with gloo CPU collectives.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--process-id", type=int, required=True)
+    parser.add_argument("--num-processes", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--config", default="experiments/tiny.py")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    from jvdm import config as config_lib
+    from jvdm import parallel
+
+    parallel.initialize_distributed(
+        coordinator_address=f"127.0.0.1:{args.port}",
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+    )
+    from jvdm import train as train_lib
+
+    config = config_lib.apply_overrides(config_lib.load_config_file(args.config), args.overrides)
+    result = train_lib.train(config, args.workdir)
+    print(f"process {jax.process_index()}/{jax.process_count()} done", flush=True)
+    print("RESULT " + json.dumps(result, default=str), flush=True)
+    jax.distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
