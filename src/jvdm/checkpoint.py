@@ -9,28 +9,45 @@ Restoring takes an *abstract* target (``jax.ShapeDtypeStruct`` leaves carrying t
 now), so a state saved on 4 devices restores onto 1 and vice versa. Before that, the requested
 config is compared with the saved one: a change to the architecture is a ``ValueError`` that names
 the fields, instead of a shape mismatch deep inside orbax.
+
+Faults lose nothing (see :mod:`jvdm.integrity`): every finished step gets a checksum, which
+:func:`restore_latest` verifies, falling back to the newest good step (with a warning naming the
+bad one, which it moves out of the way to ``checkpoints_rejected/``). Old steps are deleted only
+after a newer one has been saved *and* checksummed, so a save that fails (a full disk) never costs
+an older checkpoint: it raises :class:`CheckpointSaveError` instead.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
+import shutil
+import time
+import warnings
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from jvdm import integrity
+
 __all__ = [
     "ARCHITECTURE_FIELDS",
     "CHECKPOINT_DIR",
     "CONFIG_FILE",
+    "CheckpointMismatchError",
+    "CheckpointSaveError",
     "check_config",
     "close",
     "config_diff",
     "load_config",
     "make_manager",
+    "poll",
     "restore",
+    "restore_latest",
     "save",
     "save_config",
 ]
@@ -130,19 +147,117 @@ def check_config(config: ml_collections.ConfigDict, workdir: str) -> dict[str, t
     return diff
 
 
-def make_manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
-    """An orbax manager for ``workdir/checkpoints``, keeping the ``keep`` latest, saving async."""
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full); older ones are untouched."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's arrays do not fit the requested state (another model)."""
+
+
+class _Manager(ocp.CheckpointManager):
+    """orbax's manager plus a checksum per finished step, and ``keep`` applied only to steps that
+    are checksummed (orbax itself deletes old steps even when the newer save fails)."""
+
+    def __init__(self, directory: str, *, keep: int, options: ocp.CheckpointManagerOptions):
+        super().__init__(directory, options=options)
+        self.keep = keep
+        self.sealed: set[int] = set()  # steps known good: checksummed, or verified on restore
+        self._unsealed: list[int] = []  # saved by this manager; checksum not written yet
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(os.fspath(self.directory), str(step))
+
+    def save(self, step: int, *args, **kwargs) -> bool:
+        self.wait_until_finished()  # orbax waits here anyway: seal the previous step first
+        saved = super().save(step, *args, **kwargs)
+        if saved:
+            self._unsealed.append(step)
+        return saved
+
+    def wait_until_finished(self) -> None:
+        try:
+            super().wait_until_finished()
+            self.check_for_errors()
+        except Exception as err:
+            failed, self._unsealed = self._unsealed, []
+            for step in failed:  # free the space the failed save took (best effort)
+                for tmp in glob.glob(self.step_dir(step) + ".orbax-checkpoint-tmp*"):
+                    shutil.rmtree(tmp, ignore_errors=True)
+            kept = sorted(s for s in self.sealed if os.path.isdir(self.step_dir(s)))
+            text = " ".join(str(err).split())
+            full = "No space left on device" in text or getattr(err, "errno", 0) == errno.ENOSPC
+            reason = "the disk is full (No space left on device)" if full else text[:400]
+            raise CheckpointSaveError(
+                f"saving checkpoint {', '.join(map(str, failed)) or '?'} in {self.directory} "
+                f"failed: {reason}. No older checkpoint was deleted: "
+                + (
+                    f"steps {kept} are intact; rerun to resume from step {kept[-1]}."
+                    if kept
+                    else "none had been saved."
+                )
+            ) from err
+        self._seal()
+        self._prune()
+
+    def _seal(self) -> None:
+        """Writes the checksums of the finished saves (process 0; the files are shared)."""
+        for step in self._unsealed:
+            if os.path.isdir(self.step_dir(step)):
+                if jax.process_index() == 0:
+                    integrity.write_checksum(self.step_dir(step))
+                self.sealed.add(step)
+        self._unsealed = []
+
+    def poll(self) -> None:
+        """Seals a finished asynchronous save without waiting (cheap; call it every step)."""
+        if not self._unsealed or self.is_saving_in_progress():
+            return
+        if jax.process_count() == 1:
+            self.wait_until_finished()  # returns at once; raises if the save failed; prunes
+        elif jax.process_index() == 0:
+            self._seal()  # no pruning here: its deletes synchronise all processes
+
+    def _prune(self) -> None:
+        newest = sorted(self.sealed)[-self.keep :]
+        if len(newest) < self.keep:
+            return
+        for step in self.all_steps():
+            if step < newest[0]:
+                self.delete(step)
+                self.sealed.discard(step)
+
+
+def make_manager(workdir: str, *, keep: int, cleanup_tmp: bool = False) -> _Manager:
+    """An orbax manager for ``workdir/checkpoints``, keeping the ``keep`` latest, saving async.
+
+    ``cleanup_tmp`` removes the temporary directories of saves that never finished (a killed run);
+    only the process that holds the work directory's lock may ask for it.
+    """
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=True, create=True
+        max_to_keep=None,  # applied by _Manager, after the newer step is checksummed
+        enable_async_checkpointing=True,
+        create=True,
+        cleanup_tmp_directories=cleanup_tmp,
     )
-    return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options
+    return _Manager(
+        os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), keep=keep, options=options
     )
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
-    """Starts an asynchronous save of ``state`` as checkpoint ``step`` (all processes call it)."""
+    """Starts an asynchronous save of ``state`` as checkpoint ``step`` (all processes call it).
+
+    Raises:
+      CheckpointSaveError: the *previous* asynchronous save failed (its error surfaces here).
+    """
     manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+
+def poll(manager: ocp.CheckpointManager) -> None:
+    """Checksums a save that finished in the background, without blocking."""
+    if isinstance(manager, _Manager):
+        manager.poll()
 
 
 def _key_path(path) -> tuple:
@@ -188,7 +303,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract: Any) -> Any:
     except (ValueError, TypeError) as err:
         bad = _shape_mismatches(manager, step, abstract)
         if bad:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"checkpoint {step} in {manager.directory} does not fit this config: "
                 + "; ".join(bad[:5])
                 + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
@@ -196,7 +311,95 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract: Any) -> Any:
         raise
 
 
+def _reject(manager: _Manager, step: int, reason: str) -> str:
+    """Moves step ``step`` to ``checkpoints_rejected/`` (kept for inspection, never restored)."""
+    target = os.path.join(
+        os.path.dirname(os.fspath(manager.directory)),
+        f"{CHECKPOINT_DIR}_rejected",
+        f"{step}-{reason}-{time.strftime('%Y%m%d-%H%M%S')}",
+    )
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(manager.step_dir(step), target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"jvdm_reject_{step}")
+    return target
+
+
+def restore_latest(manager: _Manager, abstract: Any) -> tuple[int | None, Any]:
+    """``(step, state)`` of the newest checkpoint that verifies, or ``(None, None)`` if none.
+
+    A corrupt step (its files do not match its checksum, or it fails to restore) and an
+    unverified step newer than a verified one (killed between orbax's commit and the checksum)
+    are skipped with a warning naming them, and moved to ``checkpoints_rejected/`` so that the
+    resumed run can save those steps again. With no verified step at all (checkpoints of an older
+    jvdm), the newest one that restores is used, with a warning.
+
+    Raises:
+      CheckpointMismatchError: a checkpoint does not fit ``abstract`` (another model).
+    """
+    unverified = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            if not integrity.check_step(manager.step_dir(step)):
+                unverified.append(step)
+                continue
+            state = restore(manager, step, abstract)
+        except CheckpointMismatchError:
+            raise
+        except Exception as err:  # corrupt: a checksum mismatch, or orbax cannot read it
+            moved = _reject(manager, step, "corrupt")
+            warnings.warn(
+                f"checkpoint {step} in {manager.directory} is corrupt and was not restored "
+                f"({' '.join(str(err).split())[:300]}); moved to {moved}; falling back to an "
+                "older checkpoint",
+                stacklevel=2,
+            )
+            continue
+        for newer in unverified:
+            moved = _reject(manager, newer, "unverified")
+            warnings.warn(
+                f"checkpoint {newer} in {manager.directory} has no {integrity.CHECKSUM_FILE} "
+                "(its run was killed before the save was verified), so it is not trusted; moved "
+                f"to {moved}; resuming from the verified checkpoint {step}",
+                stacklevel=2,
+            )
+        manager.reload()
+        manager.sealed.update(s for s in manager.all_steps() if s <= step)
+        return step, state
+    for step in unverified:
+        try:
+            state = restore(manager, step, abstract)
+        except CheckpointMismatchError:
+            raise
+        except Exception as err:
+            moved = _reject(manager, step, "corrupt")
+            warnings.warn(
+                f"checkpoint {step} in {manager.directory} cannot be restored "
+                f"({' '.join(str(err).split())[:300]}); moved to {moved}",
+                stacklevel=2,
+            )
+            continue
+        warnings.warn(
+            f"checkpoint {step} in {manager.directory} has no {integrity.CHECKSUM_FILE} and no "
+            "verified checkpoint is older: restoring it unverified",
+            stacklevel=2,
+        )
+        manager.reload()
+        return step, state
+    manager.reload()
+    return None, None
+
+
 def close(manager: ocp.CheckpointManager) -> None:
-    """Waits for pending asynchronous saves, then releases the manager."""
-    manager.wait_until_finished()
-    manager.close()
+    """Waits for pending asynchronous saves (checksumming them), then releases the manager.
+
+    Raises:
+      CheckpointSaveError: a pending save failed (the manager is released all the same).
+    """
+    try:
+        manager.wait_until_finished()
+    finally:
+        manager.close()

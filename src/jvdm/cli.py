@@ -9,8 +9,10 @@ Examples::
   jvdm data prepare mnist_subset
   jvdm data list
 
-A user error (missing file, config typo, bad argument, unprepared dataset) prints one line
-``jvdm: error: ...`` and exits with status 2; set ``JVDM_DEBUG=1`` to see the traceback instead.
+A user error (missing file, config typo, bad argument, unprepared dataset, a work directory that
+is unwritable or in use, a corrupt checkpoint) prints one line ``jvdm: error: ...`` and exits with
+status 2; a run that fails for a reason it explains (a full disk, a diverged loss) does the same
+with status 1. Set ``JVDM_DEBUG=1`` to see the traceback instead.
 jax and tfds are imported only by the subcommands that need them, so ``--help`` is instant.
 """
 
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 __all__ = ["main"]
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1
 
 
 class UsageError(Exception):
@@ -141,7 +144,11 @@ def _cmd_train(args, extra) -> int:
     config = _load_config(args.config, _split_overrides(extra))
     # import_module: `jvdm.train` may also be the name of a function in the package namespace.
     train_lib = importlib.import_module("jvdm.train")
+    from jvdm import parallel
 
+    # Multi-host runs (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or a SLURM,
+    # Open MPI or TPU cluster) join here, before any computation; a no-op for one process.
+    parallel.initialize_distributed()
     result = train_lib.train(config, args.workdir)
     if result:
         print(json.dumps(result, indent=2, sort_keys=True, default=_json_default))
@@ -270,6 +277,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"jvdm: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
+    except (RuntimeError, OSError) as err:
+        # A run that failed for a reason it explains (a full disk, a diverged loss): one line
+        # and status 1. Anything else is a bug, and keeps its traceback.
+        if debug or not _is_run_failure(err):
+            raise
+        print(f"jvdm: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("jvdm: interrupted", file=sys.stderr)
         return 130
+
+
+def _is_run_failure(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return True
+    # Only modules already imported can have raised their errors: no import on this path.
+    train_mod, ckpt_mod = sys.modules.get("jvdm.train"), sys.modules.get("jvdm.checkpoint")
+    kinds = (getattr(train_mod, "NonFiniteError", ()), getattr(ckpt_mod, "CheckpointSaveError", ()))
+    return any(isinstance(err, k) for k in kinds if k)

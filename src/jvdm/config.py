@@ -88,8 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 250
     c.eval.draws = 1
     c.eval.num_samples = 64
-    c.eval.sampler = "dpm_solver"
-    c.eval.sample_steps = 50
+    c.eval.sampler = "ancestral"
+    c.eval.sample_steps = 250
     c.eval.final_draws = 4
 
     c.lock()

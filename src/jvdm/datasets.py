@@ -61,6 +61,13 @@ def known_datasets() -> list[str]:
     return [*_LOCAL_SHAPES, *_STANDARD_SHAPES]
 
 
+def image_shape(name: str) -> tuple[int, int, int]:
+    """``(H, W, C)`` of a known dataset, without touching the disk (so a trained model can be
+    rebuilt on a machine where its dataset is not prepared)."""
+    _check_name(name)
+    return {**_LOCAL_SHAPES, **_STANDARD_SHAPES}[name]
+
+
 def get_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     """The data directory: ``data_dir``, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``.
 

@@ -195,6 +195,10 @@ def evaluate_split(
         # One local device; parameters replicated over a mesh would run the program on each.
         params = jax.device_put(params, jax.local_devices()[0])
     per_term: dict[str, list[np.ndarray]] = {k: [] for k in TERMS}
+    if jax.process_count() > 1:
+        # Each process holds different images: give each its own noise (the same key would draw
+        # the same noise for row i of every process, correlating the Monte Carlo estimates).
+        key = jax.random.fold_in(key, jax.process_index())
     for b, batch in enumerate(loader):
         images = batch["image"]
         _check_images(params.model, images)
@@ -250,7 +254,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[pathlib.Path, pathlib.P
       FileNotFoundError: the path does not exist or holds no checkpoint; the message says what
         was looked for.
     """
-    path = pathlib.Path(path).expanduser()
+    # Absolute: orbax refuses relative checkpoint paths.
+    path = pathlib.Path(path).expanduser().absolute()
     if not path.exists():
         raise FileNotFoundError(
             f"no run directory or checkpoint at {str(path)!r}: expected a work directory written "
@@ -347,12 +352,55 @@ def _restore_ema(step_dir: pathlib.Path, model: model_lib.VDM) -> model_lib.VDMP
     return jax.tree.map(jnp.asarray, ema)
 
 
+def _verified(path, step_dir: pathlib.Path) -> pathlib.Path:
+    """The step to load: ``step_dir`` if its checksum matches. A work directory whose newest step
+    is unverified (a save not checksummed yet) gives its newest verified step instead; a corrupt
+    step is an error, never a fallback to other parameters than those asked for."""
+    import warnings
+
+    from jvdm import integrity
+
+    is_run = pathlib.Path(path).expanduser().resolve() != step_dir.resolve()
+    candidates = _step_dirs(step_dir.parent)[::-1] if is_run else [step_dir]
+    for i, candidate in enumerate(candidates):
+        try:
+            if integrity.check_step(str(candidate)):
+                if i:
+                    warnings.warn(
+                        f"checkpoint {step_dir} is not verified yet (no "
+                        f"{integrity.CHECKSUM_FILE}); loading the newest verified one, "
+                        f"{candidate}",
+                        stacklevel=3,
+                    )
+                return candidate
+        except integrity.CorruptCheckpointError as err:
+            older = [str(p) for p in _step_dirs(step_dir.parent) if p.name != candidate.name]
+            raise integrity.CorruptCheckpointError(
+                f"{err}. Its parameters would be wrong, so nothing was loaded"
+                + (f"; other checkpoints of this run: {', '.join(older[-3:])}" if older else "")
+            ) from None
+    warnings.warn(
+        f"checkpoint {step_dir} has no {integrity.CHECKSUM_FILE} (saved by an older jvdm, or its "
+        "run was killed before the save was verified): loading it unverified",
+        stacklevel=3,
+    )
+    return step_dir
+
+
 def load_with_config(path: str | os.PathLike):
     """``(params, config)``: :func:`load`'s parameters and the run's experiment config."""
+    from jvdm import integrity
+
     workdir, step_dir = resolve_checkpoint(path)
+    step_dir = _verified(path, step_dir)
     config = load_config(workdir)
     model = model_lib.from_config(config)
-    return _restore_ema(step_dir, model), config
+    try:
+        return _restore_ema(step_dir, model), config
+    except (OSError, ValueError) as err:  # a damaged checkpoint that has no checksum
+        raise integrity.CorruptCheckpointError(
+            f"checkpoint {step_dir} cannot be read: {' '.join(str(err).split())[:300]}"
+        ) from err
 
 
 def load(path: str | os.PathLike) -> model_lib.VDMParams:
@@ -367,5 +415,7 @@ def load(path: str | os.PathLike) -> model_lib.VDMParams:
 
     Raises:
       FileNotFoundError: no such path, no checkpoint in it, or no saved config.
+      jvdm.integrity.CorruptCheckpointError (a ValueError): the checkpoint's files do not match
+        their checksum, or cannot be read.
     """
     return load_with_config(path)[0]

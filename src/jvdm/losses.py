@@ -10,6 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Integer
 
 from jvdm.diffusion import _check_same_shape, _expand, posterior_mean_var
@@ -229,6 +230,8 @@ def bpd_from_nats(nats: Float[ArrayLike, "..."], num_dims: int | ArrayLike) -> F
     References:
       Kingma et al. 2021 section 5 (bpd); Ho et al. 2020 section 4.2.
     """
+    if not isinstance(num_dims, jax.core.Tracer) and np.any(np.asarray(num_dims) <= 0):
+        raise ValueError(f"num_dims={num_dims} must be positive: the number of dimensions D")
     nats = jnp.asarray(nats)
     if not jnp.issubdtype(nats.dtype, jnp.floating):
         nats = nats.astype(jnp.float32)

@@ -378,10 +378,10 @@ def loss_and_grads(
 
 def from_config(config) -> VDM:
     """Builds the :class:`VDM` that an experiment config describes."""
-    from jvdm.data import dataset_info  # local: keeps the maths importable without tfds
+    from jvdm.data import image_shape as dataset_shape  # local: the maths never needs tfds
     from jvdm.nn import unet as unet_lib
 
-    image_shape, _ = dataset_info(config.data.name, data_dir=config.data.data_dir)
+    image_shape = dataset_shape(config.data.name)
     m, g = config.model, config.gamma
     denoiser = unet_lib.UNet(
         channels=m.channels,

@@ -34,6 +34,7 @@ from jvdm import config as config_lib
 from jvdm import model as model_lib
 from jvdm import parallel, train_log
 from jvdm import train_state as state_lib
+from jvdm import workdir as workdir_lib
 from jvdm.train_state import TrainState, create_train_state, train_step
 
 __all__ = [
@@ -175,10 +176,13 @@ def train(
     Raises:
       ValueError: a bad config, a batch size that does not divide among the devices, images that
         do not fit the model, or a config that changes the model of an existing run.
+      jvdm.workdir.WorkdirError (a ValueError): ``workdir`` is not writable, has no room for a
+        checkpoint, or another run holds it (naming that run's PID).
       NonFiniteError: ``config.train.max_consecutive_nonfinite`` updates in a row were skipped.
+      jvdm.checkpoint.CheckpointSaveError: a checkpoint could not be written (a full disk); the
+        older checkpoints are intact and the run resumes from them.
     """
     # Local imports: orbax and tfds load only when training, not on `import jvdm`.
-    from jvdm import checkpoint as ckpt
     from jvdm import data as data_lib
 
     config = config_lib.validate(config)
@@ -186,24 +190,37 @@ def train(
     mesh = parallel.make_mesh() if mesh is None else mesh
     parallel.check_batch_size(t.batch_size, mesh)
     workdir = os.path.abspath(workdir)
+    workdir_lib.check_writable(workdir)  # before anything slow: a bad path fails in a second
     image_shape, _ = data_lib.dataset_info(config.data.name, data_dir=config.data.data_dir)
     _check_image_shape(config, image_shape)
-    manager = ckpt.make_manager(workdir, keep=t.keep_checkpoints)
+    is_main = jax.process_index() == 0
+    # One trainer per work directory, for the life of the run (process 0 holds it for all).
+    with workdir_lib.lock(workdir) if is_main else contextlib.nullcontext():
+        return _train(config, workdir, mesh, step_callback, is_main)
+
+
+def _train(config, workdir, mesh, step_callback, is_main) -> dict[str, Any]:
+    from jvdm import checkpoint as ckpt
+
+    t = config.train
+    # Traces the model's init (no compute): a config the denoiser rejects fails here, at once.
+    abstract = state_lib.abstract_train_state(config, mesh)
+    nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+    workdir_lib.check_free_space(workdir, nbytes, keep=t.keep_checkpoints)
+    manager = ckpt.make_manager(workdir, keep=t.keep_checkpoints, cleanup_tmp=True)
     writer = None
     try:
-        start = manager.latest_step()
         # Only a run that has a checkpoint to resume is bound to its saved config.
-        changed = ckpt.check_config(config, workdir) if start is not None else {}
-        # Traces the model's init (no compute): a config the denoiser rejects fails here, at once.
-        abstract = state_lib.abstract_train_state(config, mesh)
+        has_checkpoint = manager.latest_step() is not None
+        changed = ckpt.check_config(config, workdir) if has_checkpoint else {}
         model = abstract.params.model
-        is_main = jax.process_index() == 0
         init_key, train_key, eval_key = run_keys(t.seed)
+        # The newest checkpoint that verifies; corrupt or unverified newer ones are set aside.
+        start, state = ckpt.restore_latest(manager, abstract)
         if start is None:
             start = 0
             state = create_train_state(config, init_key, mesh=mesh)
         else:
-            state = ckpt.restore(manager, start, abstract)
             if is_main:
                 notes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
                 print(f"resuming {workdir} from step {start}" + (f" ({notes})" if notes else ""))
@@ -284,8 +301,9 @@ def _loop(config, state, mesh, manager, writer, workdir, start, model, train_key
         if step == last_saved:
             return
         # Never save in the middle of a run of skipped updates: the checkpoints that are kept
-        # (max_to_keep) must stay ones taken before it. One scalar read per save.
-        if int(jax.device_get(state.skipped_consecutive)) > 0:
+        # (max_to_keep) must stay ones taken before it. One scalar read per save. The last step
+        # is always saved: a skipped step leaves the parameters of the last good one.
+        if step != t.steps and int(jax.device_get(state.skipped_consecutive)) > 0:
             return
         ckpt.save(manager, step, state)
         last_saved = step
@@ -312,6 +330,7 @@ def _loop(config, state, mesh, manager, writer, workdir, start, model, train_key
             pending.append(metrics)
             n_log += 1
             bar.update(1)
+            ckpt.poll(manager)  # checksums a finished save; raises if it failed
             if step_callback is not None:
                 step_callback(done, state)
 
