@@ -16,12 +16,12 @@ import json
 import math
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gaussian_models import GaussianDenoiser, perturbed_learned
 from jvdm import checkpoint as ckpt
 from jvdm import config as config_lib
 from jvdm import evaluate
@@ -31,20 +31,6 @@ from jvdm.nn import gamma as gamma_lib
 SHAPE = (4, 4, 1)
 D = int(np.prod(SHAPE))
 G_MIN, G_MAX = -10.0, 6.0
-
-
-class GaussianDenoiser(nn.Module):
-    """The exact E[eps | z_t] for data N(m, s^2 I); no parameters."""
-
-    m: float
-    s: float
-
-    @nn.compact
-    def __call__(self, z, gamma, *, train=False):
-        del train
-        g = gamma.reshape(-1, 1, 1, 1)
-        a2, s2 = jax.nn.sigmoid(-g), jax.nn.sigmoid(g)
-        return jnp.sqrt(s2) * (z - jnp.sqrt(a2) * self.m) / (a2 * self.s**2 + s2)
 
 
 def _images(key, n, shape=SHAPE):
@@ -58,27 +44,12 @@ def _moments(images):
     return m, np.mean((x - m) ** 2)
 
 
-def _perturbed_learned(key, hidden=4):
-    """A LearnedGamma with a random, strongly non-linear interior (end points kept): most of its
-    rise happens for t in [0.35, 0.75]."""
-    sched = gamma_lib.LearnedGamma(gamma_min_init=G_MIN, gamma_max_init=G_MAX, hidden=hidden)
-    params = sched.init(key, jnp.zeros((1,)))
-    k1, k2, k3 = jax.random.split(key, 3)
-    net = {
-        "l1": jnp.float32(0.05),
-        "l2_kernel": 25.0 * jax.random.normal(k1, (hidden,)),
-        "l2_bias": 8.0 * jax.random.normal(k2, (hidden,)),
-        "l3_kernel": 20.0 * jax.random.normal(k3, (hidden,)),
-    }
-    return sched, {"params": {**params["params"], "net": net}}
-
-
 def _params(images, schedule_kind="linear", *, shape=SHAPE, timesteps=0):
     m, s2 = _moments(images)
     if schedule_kind == "linear":
         sched, sched_params = gamma_lib.FixedLinearGamma(gamma_min=G_MIN, gamma_max=G_MAX), None
     else:
-        sched, sched_params = _perturbed_learned(jax.random.key(3))
+        sched, sched_params = perturbed_learned(jax.random.key(3), gamma_min=G_MIN, gamma_max=G_MAX)
     model = model_lib.VDM(
         denoiser=GaussianDenoiser(m=float(m), s=float(math.sqrt(s2))),
         schedule=sched,

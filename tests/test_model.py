@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gaussian_models import GaussianDenoiser
 from jvdm import model as model_lib
 from jvdm.nn import gamma as gamma_lib
 
@@ -20,26 +21,6 @@ M, S = 0.3, 0.5
 SHAPE = (4, 4, 1)
 D = int(np.prod(SHAPE))
 G_MIN, G_MAX = -10.0, 4.0
-
-
-class GaussianDenoiser(nn.Module):
-    """The exact posterior-mean denoiser of N(M, S^2 I) data, in eps, x0 or v form."""
-
-    prediction: str = "eps"
-
-    @nn.compact
-    def __call__(self, z, gamma, *, train):
-        del train
-        g = gamma.reshape(-1, 1, 1, 1)
-        a2, s2 = jax.nn.sigmoid(-g), jax.nn.sigmoid(g)
-        alpha, sigma = jnp.sqrt(a2), jnp.sqrt(s2)
-        eps = sigma * (z - alpha * M) / (a2 * S**2 + s2)
-        x0 = (z - sigma * eps) / alpha
-        if self.prediction == "eps":
-            return eps
-        if self.prediction == "x0":
-            return x0
-        return alpha * eps - sigma * x0
 
 
 def _analytic_diffusion_nats():
@@ -61,7 +42,7 @@ def _perturbed_learned(key):
 
 def _params(schedule, sched_params=None, *, prediction="eps", timesteps=0, key=None):
     model = model_lib.VDM(
-        denoiser=GaussianDenoiser(prediction),
+        denoiser=GaussianDenoiser(M, S, prediction),
         schedule=schedule,
         image_shape=SHAPE,
         timesteps=timesteps,
@@ -164,7 +145,7 @@ def test_bad_images_are_rejected():
 
 def test_antithetic_times_cover_unit_interval_for_any_batch():
     model = model_lib.VDM(
-        denoiser=GaussianDenoiser(), schedule=gamma_lib.FixedLinearGamma(), image_shape=SHAPE
+        denoiser=GaussianDenoiser(M, S), schedule=gamma_lib.FixedLinearGamma(), image_shape=SHAPE
     )
     for b in (1, 3, 7, 64):
         t, _ = model_lib._sample_times(model, jax.random.key(b), b, 0)
@@ -288,14 +269,14 @@ def test_predict_eps_x0_consistent_across_parameterisations():
 def test_model_definition_validates():
     with pytest.raises(ValueError, match="prediction"):
         model_lib.VDM(
-            denoiser=GaussianDenoiser(),
+            denoiser=GaussianDenoiser(M, S),
             schedule=gamma_lib.FixedLinearGamma(),
             image_shape=SHAPE,
             prediction="score",
         )
     with pytest.raises(ValueError, match="timesteps"):
         model_lib.VDM(
-            denoiser=GaussianDenoiser(),
+            denoiser=GaussianDenoiser(M, S),
             schedule=gamma_lib.FixedLinearGamma(),
             image_shape=SHAPE,
             timesteps=-1,

@@ -17,12 +17,12 @@ fast samplers' grid is uniform in lambda). DDIM is a first-order method; that it
 steps here is a property of DDIM, not of this implementation.
 """
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gaussian_models import GaussianDenoiser, perturbed_learned
 from jvdm import evaluate, sampling
 from jvdm import model as model_lib
 from jvdm.nn import gamma as gamma_lib
@@ -33,39 +33,13 @@ G_MIN, G_MAX = -10.0, 12.0  # gamma_max large: the prior N(0, I) matches q(z_1) 
 N_IMAGES = 1024
 
 
-class GaussianDenoiser(nn.Module):
-    """The exact E[eps | z_t] for data N(M, S^2 I); no parameters."""
-
-    @nn.compact
-    def __call__(self, z, gamma, *, train=False):
-        del train
-        g = gamma.reshape(-1, 1, 1, 1)
-        a2, s2 = jax.nn.sigmoid(-g), jax.nn.sigmoid(g)
-        return jnp.sqrt(s2) * (z - jnp.sqrt(a2) * M) / (a2 * S**2 + s2)
-
-
-def _perturbed_learned(key, hidden=4):
-    """A LearnedGamma with a random, strongly non-linear interior (end points kept): most of its
-    rise happens for t in [0.35, 0.75]."""
-    sched = gamma_lib.LearnedGamma(gamma_min_init=G_MIN, gamma_max_init=G_MAX, hidden=hidden)
-    params = sched.init(key, jnp.zeros((1,)))
-    k1, k2, k3 = jax.random.split(key, 3)
-    net = {
-        "l1": jnp.float32(0.05),
-        "l2_kernel": 25.0 * jax.random.normal(k1, (hidden,)),
-        "l2_bias": 8.0 * jax.random.normal(k2, (hidden,)),
-        "l3_kernel": 20.0 * jax.random.normal(k3, (hidden,)),
-    }
-    return sched, {"params": {**params["params"], "net": net}}
-
-
 def _gaussian_params(schedule_kind: str, *, timesteps=0):
     if schedule_kind == "linear":
         sched, sched_params = gamma_lib.FixedLinearGamma(gamma_min=G_MIN, gamma_max=G_MAX), None
     else:
-        sched, sched_params = _perturbed_learned(jax.random.key(7))
+        sched, sched_params = perturbed_learned(jax.random.key(7), gamma_min=G_MIN, gamma_max=G_MAX)
     model = model_lib.VDM(
-        denoiser=GaussianDenoiser(), schedule=sched, image_shape=SHAPE, timesteps=timesteps
+        denoiser=GaussianDenoiser(M, S), schedule=sched, image_shape=SHAPE, timesteps=timesteps
     )
     params = model_lib.init(model, jax.random.key(0))
     return params if sched_params is None else params.replace(schedule=sched_params)

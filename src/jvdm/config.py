@@ -75,9 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.seed = 0
     c.train.batch_size = 32
-    c.train.steps = 1300
+    c.train.steps = 1800
     c.train.log_every = 50
-    c.train.eval_every = 1300
+    c.train.eval_every = 1800
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 3
     c.train.max_consecutive_nonfinite = 10
