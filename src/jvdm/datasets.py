@@ -15,6 +15,7 @@ The data directory is, in order: the ``data_dir`` argument, ``$TFDS_DATA_DIR``,
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import fcntl
 import gzip
@@ -127,11 +128,13 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             disable_shuffling=True,
         )
 
+    @abc.abstractmethod
     def _load(self) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        """``(images uint8 [N, H, W, C], labels [N])`` from the installed wheel."""
 
+    @abc.abstractmethod
     def _num_train(self) -> int:
-        raise NotImplementedError
+        """How many of the shuffled examples form the training split."""
 
     def _split_generators(self, dl_manager):
         del dl_manager  # Nothing is downloaded.
