@@ -347,6 +347,84 @@ def test_decoder_shapes():
     np.testing.assert_allclose(_jit(L.scale_pixels)(np.uint8([0, 255])), [-255 / 256, 255 / 256])
 
 
+def _decoder_inputs(rng, gamma_0, shape, spread):
+    """Data and z_0 for each gamma_0: z / alpha at bin centres, bin edges (delta = +-1/V) and
+    beyond the clipped end bins, plus Gaussian noise of ``spread`` sigmas."""
+    x = rng.integers(0, 256, shape)
+    g = np.float64(gamma_0).reshape(-1, *(1,) * (len(shape) - 1))
+    alpha, sigma = np.sqrt(1 / (1 + np.exp(g))), np.sqrt(1 / (1 + np.exp(-g)))
+    v = 2 * (x + 0.5) / 256 - 1
+    offset = rng.choice([-1.0, -0.999, 0.0, 0.999, 1.0], shape) / 256  # in units of z / alpha
+    z = alpha * (v + offset) + spread * sigma * rng.normal(size=shape)
+    z[..., 0, 0, :] = alpha[..., 0, 0, :] * rng.choice([-1.2, 1.2], z[..., 0, 0, :].shape)
+    return x, np.float32(z)
+
+
+def _decoder_grads_ref(x, z, gamma_0, vocab=256):
+    """float64 d/dz (closed form) and d/dgamma_0 (central differences) of sum log p(x | z_0)."""
+    lp = _decoder_ref(z, gamma_0, vocab)
+    g = np.float64(gamma_0).reshape(-1, *(1,) * (z.ndim - 1))
+    alpha, sigma_sq = np.sqrt(1 / (1 + np.exp(g))), 1 / (1 + np.exp(-g))
+    v = 2 * (np.arange(vocab) + 0.5) / vocab - 1
+    mean_v = (np.exp(lp) * v).sum(-1)
+    dz = alpha / sigma_sq * (v[x] - mean_v)
+
+    def total(gg):
+        picked = np.take_along_axis(_decoder_ref(z, gg, vocab), x[..., None], -1)[..., 0]
+        return picked.sum(tuple(range(1, z.ndim)))
+
+    h = 1e-4
+    dg = (total(np.float64(gamma_0) + h) - total(np.float64(gamma_0) - h)) / (2 * h)
+    return dz, dg
+
+
+@pytest.mark.parametrize("gammas", [(-13.3, -9.2), (-9.0, 5.0)], ids=["window", "all-values"])
+def test_decoder_values_and_gradients_against_float64(gammas):
+    # gamma_0 <= -9.13 takes the 16-value window around the nearest bin; above it, all 256.
+    rng = np.random.default_rng(17)
+    gamma_0 = np.float32(np.linspace(*gammas, 6))
+    x, z = _decoder_inputs(rng, gamma_0, (6, 5, 5, 2), spread=1.0)
+    want = _decoder_ref(z, gamma_0)
+    # atol: the float64 reference's own log(sum exp) rounds at ~1e-16 where log p ~ 0.
+    np.testing.assert_allclose(_jit(L.decoder_log_probs)(z, gamma_0), want, rtol=1e-5, atol=1e-14)
+    ll = lambda z, g: jnp.sum(L.decoder_log_likelihood(np.uint8(x), z, g))  # noqa: E731
+    value = _jit(jax.vmap(L.decoder_log_likelihood))(np.uint8(x)[:, None], z[:, None], gamma_0)
+    np.testing.assert_allclose(
+        value[:, 0], np.take_along_axis(want, x[..., None], -1)[..., 0].sum((1, 2, 3)), rtol=1e-5
+    )
+    dz, dg = _jit(jax.grad(ll, (0, 1)))(z, gamma_0)
+    want_dz, want_dg = _decoder_grads_ref(x, z, gamma_0)
+    # dz is large (alpha / sigma^2 ~ 6e5 at -13.3) and is a difference of two nearly equal
+    # means: compare against the largest entry of each example.
+    scale = np.abs(want_dz).max(axis=(1, 2, 3), keepdims=True)
+    np.testing.assert_array_less(np.abs(dz - want_dz) / scale, 1e-4)
+    np.testing.assert_allclose(dg, want_dg, rtol=1e-5)
+
+
+def test_decoder_window_bound_holds_by_brute_force():
+    """The claim behind the 16-value window, checked in float64 over a grid of offsets."""
+    V, W = 256, L._WINDOW
+    # The gamma_0 at which _window_is_exact switches, found by bisection on the library's test.
+    lo, hi = -30.0, 10.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if bool(L._window_is_exact(jnp.float32(np.exp(-mid)), V)) else (lo, mid)
+    assert -9.3 < lo < -9.0
+    delta = np.linspace(-1, 1, 2001)[:, None] / V  # |delta| <= 1/V in the interior
+
+    def dropped_over_kept(gamma_0, m=128):
+        snr = np.exp(-np.float64(gamma_0))
+        k = np.arange(V)
+        w = 2 * (m - k) / V
+        d = -0.5 * snr * w * (2 * delta + w)
+        e = np.where(k == m, 0.0, np.exp(d))
+        outside = np.abs(k - m) > W
+        return (e * outside).sum(-1).max() / (e * ~outside).sum(-1).min()
+
+    assert dropped_over_kept(lo) < 2 * np.exp(-L._WINDOW_MARGIN)  # exact where it is used
+    assert dropped_over_kept(-5.0) > 1e-4  # and needed: the window would be wrong at high noise
+
+
 # --- float32 accuracy over the practical range --------------------------------------------
 
 
