@@ -356,7 +356,9 @@ def _others_terms(delta, snr, m, vocab_size: int, *, window: bool):
 
 
 def _others_sums(delta: Array, snr: Array, m: Array, vocab_size: int, *, with_partials: bool):
-    """``S = sum_{k != m} exp(d_k)``; with partials also ``sum e_k w_k``, ``sum e_k w_k (2 delta + w_k)``.
+    """``S = sum_{k != m} exp(d_k)``; with partials also ``sum e_k w_k`` and ``sum e_k u_k``.
+
+    Here ``w_k = v_m - v_k`` and ``u_k = w_k (2 delta + w_k)``, so ``d_k = -0.5 snr u_k``.
 
     One pass that XLA fuses into a single reduction loop: no ``[..., vocab_size]`` tensor is
     stored, in the forward or the backward pass. At low noise (``_window_is_exact``, always the
