@@ -32,6 +32,15 @@ VARIANTS = {
         " --xla_cpu_enable_fast_math=true",
         {},
     ),
+    "ynn_all_off": ("--xla_cpu_experimental_ynn_fusion_type=", {}),
+    "ynn_conv_off_plus_eltwise_reduce": (
+        "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,+eltwise,+reduce",
+        {},
+    ),
+    "ynn_conv_dot_off": (
+        "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot",
+        {},
+    ),
     "onednn": ("--xla_cpu_use_onednn=true", {}),
     "eigen_single_thread": ("--xla_cpu_multi_thread_eigen=false", {}),
     "threefry_partitionable_off": ("", {"JAX_THREEFRY_PARTITIONABLE": "false"}),
@@ -47,7 +56,15 @@ def run_variant(name: str, extra_args: list[str]) -> dict:
     if proc.returncode != 0:
         return {"variant": name, "flags": flags, "env": env_extra, "error": proc.stderr[-800:]}
     rec = json.loads(proc.stdout.strip().splitlines()[-1])
-    keys = ("median_ms", "min_ms", "images_per_s", "compile_s", "fraction_of_peak", "peak_gflops")
+    keys = (
+        "median_ms",
+        "min_ms",
+        "images_per_s",
+        "compile_s",
+        "fraction_of_peak",
+        "fraction_of_interleaved_peak",
+        "peak_gflops",
+    )
     row = {k: rec.get(k) for k in keys}
     return {"variant": name, "flags": flags, "env": env_extra, **row, "load": rec["loadavg_after"]}
 
