@@ -27,6 +27,10 @@ import _common  # noqa: E402
 def _recorded_step_ms(config_name: str, batch: int) -> float | None:
     if not _common.RESULTS.exists():
         return None
+    import jvdm  # noqa: F401  (applies jvdm's XLA_FLAGS defaults, which a train_step record has)
+
+    # Only a record taken with this process's XLA flags (and so this code's defaults) will do.
+    flags = os.environ.get("XLA_FLAGS", "")
     best = None
     for line in _common.RESULTS.read_text().splitlines():
         rec = json.loads(line)
@@ -35,7 +39,7 @@ def _recorded_step_ms(config_name: str, batch: int) -> float | None:
             and rec.get("config") == config_name
             and rec.get("batch") == batch
             and not rec.get("overrides")
-            and not rec["machine"].get("xla_flags")
+            and rec["machine"].get("xla_flags", "") == flags
         ):
             best = rec["median_ms"]  # the latest such record wins
     return best
