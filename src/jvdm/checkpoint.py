@@ -147,6 +147,18 @@ def check_config(config: ml_collections.ConfigDict, workdir: str) -> dict[str, t
     return diff
 
 
+def _is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` or any exception it wraps (orbax re-raises tensorstore's and the OS's
+    errors inside its own) is ENOSPC."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if getattr(err, "errno", 0) == errno.ENOSPC or "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written (e.g. the disk is full); older ones are untouched."""
 
@@ -179,14 +191,18 @@ class _Manager(ocp.CheckpointManager):
         try:
             super().wait_until_finished()
             self.check_for_errors()
+            self._seal()  # the checksum file is part of the save: a full disk can fail it too
         except Exception as err:
-            failed, self._unsealed = self._unsealed, []
+            failed = [s for s in self._unsealed if s not in self.sealed]
+            self._unsealed = []
             for step in failed:  # free the space the failed save took (best effort)
                 for tmp in glob.glob(self.step_dir(step) + ".orbax-checkpoint-tmp*"):
                     shutil.rmtree(tmp, ignore_errors=True)
+                # Written but never checksummed (the checksum file failed): not a checkpoint.
+                shutil.rmtree(self.step_dir(step), ignore_errors=True)
             kept = sorted(s for s in self.sealed if os.path.isdir(self.step_dir(s)))
             text = " ".join(str(err).split())
-            full = "No space left on device" in text or getattr(err, "errno", 0) == errno.ENOSPC
+            full = _is_disk_full(err)
             reason = "the disk is full (No space left on device)" if full else text[:400]
             raise CheckpointSaveError(
                 f"saving checkpoint {', '.join(map(str, failed)) or '?'} in {self.directory} "
@@ -197,7 +213,6 @@ class _Manager(ocp.CheckpointManager):
                     else "none had been saved."
                 )
             ) from err
-        self._seal()
         self._prune()
 
     def _seal(self) -> None:
