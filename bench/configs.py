@@ -54,7 +54,7 @@ def measure(name: str, steps: int, budget_s: float) -> dict:
     config = _common.load_config("learned_snr", CANDIDATES[name])
     batch = int(config.train.batch_size)
     fn, state, data, key, compile_s, flops = train_step.build(config, batch)
-    _, times = train_step.time_steps(fn, state, data, key, steps=steps)
+    _, times, _ = train_step.time_steps(fn, state, data, key, steps=steps)
     med = statistics.median(times)
     return {
         "candidate": name,

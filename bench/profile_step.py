@@ -77,7 +77,7 @@ def profile(config, batch: int, *, steps: int) -> tuple[dict, float]:
     from jax.profiler import ProfileData
 
     step_fn, state, data, key, _, _ = train_step.build(config, batch)
-    state, _ = train_step.time_steps(step_fn, state, data, key, steps=1)
+    state, _, _ = train_step.time_steps(step_fn, state, data, key, steps=1)
     logdir = tempfile.mkdtemp(prefix="jvdm_prof_")
     t0 = time.perf_counter()
     with jax.profiler.trace(logdir):

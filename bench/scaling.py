@@ -38,7 +38,7 @@ def batch_rows(config, batches: list[int], steps: int) -> list[dict]:
     rows = []
     for b in batches:
         fn, state, data, key, compile_s, flops = train_step.build(config, b)
-        _, times = train_step.time_steps(fn, state, data, key, steps=steps)
+        _, times, _ = train_step.time_steps(fn, state, data, key, steps=steps)
         med = statistics.median(times)
         rows.append(
             {

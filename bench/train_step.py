@@ -61,10 +61,10 @@ def build(config, batch_size: int, *, seed: int = 0, compiler_options: dict | No
 
 
 def time_steps(step_fn, state, batch, key, *, steps: int, warmup: int = 2, between=None):
-    """Runs ``warmup + steps`` steps; returns the final state and the timed steps' seconds.
+    """Runs ``warmup + steps`` steps; returns ``(final state, the timed steps' seconds, probes)``.
 
-    ``between()``, if given, runs (untimed) after every timed step, and its results are returned
-    as a third value: used to measure the matmul peak interleaved with the steps.
+    ``between()``, if given, runs (untimed) after every timed step and ``probes`` holds its
+    results (empty otherwise): used to measure the matmul peak interleaved with the steps.
     """
     import jax
 
@@ -79,7 +79,7 @@ def time_steps(step_fn, state, batch, key, *, steps: int, warmup: int = 2, betwe
         times.append(time.perf_counter() - t0)
         if between is not None:
             probes.append(between())
-    return (state, times, probes) if between is not None else (state, times)
+    return state, times, probes
 
 
 def peak_probe(n: int = 2048, reps: int = 2):
@@ -117,12 +117,8 @@ def measure(
     )
     # The machine is shared: its speed moves within seconds. Measuring the matmul peak between
     # the steps gives each step its own yardstick, and the median of those ratios is robust.
-    if peak_flops:
-        state, times, probes = time_steps(
-            step_fn, state, batch, key, steps=steps, between=peak_probe()
-        )
-    else:
-        state, times = time_steps(step_fn, state, batch, key, steps=steps)
+    probe = peak_probe() if peak_flops else None
+    state, times, probes = time_steps(step_fn, state, batch, key, steps=steps, between=probe)
     med = statistics.median(times)
     model = model_lib.from_config(config)
     out = {
