@@ -1,8 +1,11 @@
 """The train step under XLA:CPU / JAX option variants, each in a fresh subprocess.
 
 XLA flags are read once, when the backend starts, so every variant runs ``bench/train_step.py``
-in its own process with ``XLA_FLAGS`` (and JAX_* environment variables) set. The matmul peak is
-measured in each subprocess too (one size), so each ratio is against that process's own peak.
+in its own process with ``XLA_FLAGS`` (and JAX_* environment variables) set. Each variant runs on
+top of jvdm's own defaults (``jvdm/_xla_defaults.py``) unless its environment sets
+``JVDM_NO_XLA_DEFAULTS=1``; run the script with that variable set to compare against raw XLA.
+The matmul peak is measured in each subprocess too (one size), so each ratio is against that
+process's own peak.
 Prints ONE JSON object with a row per variant (ms/step, % of peak, compile time).
 
 Usage: ``python bench/flags.py [--only baseline fast_math] [--steps 4] [train_step args...]``.
@@ -40,6 +43,16 @@ VARIANTS = {
     "ynn_conv_dot_off": (
         "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot",
         {},
+    ),
+    "ynn_conv_dot_reduce_off": (
+        "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot,-reduce",
+        {},
+    ),
+    "concurrency_scheduler": ("--xla_cpu_enable_concurrency_optimized_scheduler=true", {}),
+    # jvdm's XLA flag without its host-memory and dispatch defaults (jvdm/_xla_defaults.py).
+    "no_memory_reuse": (
+        "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot",
+        {"JVDM_NO_XLA_DEFAULTS": "1"},
     ),
     "onednn": ("--xla_cpu_use_onednn=true", {}),
     "eigen_single_thread": ("--xla_cpu_multi_thread_eigen=false", {}),
