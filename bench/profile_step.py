@@ -35,6 +35,9 @@ _CATEGORIES = (
 )
 
 
+_HLO_NAME = re.compile(r"^[A-Za-z_][\w.\-]*$")
+
+
 def _op_names(dump_dir: str) -> dict[str, str]:
     """``{instruction name: metadata op_name}`` from the optimised HLO of the train step."""
     names = {}
@@ -116,8 +119,10 @@ def main(argv=None) -> dict:
     batch = args.batch or int(config.train.batch_size)
     totals, wall = profile(config, batch, steps=args.steps)
     ms = {k: 1e3 * v / args.steps for k, v in totals.items()}
-    # Thunk events only: names of HLO instructions (XLA:CPU names them after the HLO).
-    ops = {k: v for k, v in ms.items() if not k.startswith(("$", "PjRt", "Thunk", "Execute"))}
+    # Thunk events only: names of HLO instructions (XLA:CPU names them after the HLO), not the
+    # Python frames ('$...') or the runtime's spans that enclose them ('PjitFunction(...)',
+    # 'ThunkExecutor::Execute', ...), which on the synchronous CPU runtime cover the whole step.
+    ops = {k: v for k, v in ms.items() if _HLO_NAME.match(k)}
     cats: dict[str, float] = collections.defaultdict(float)
     for name, v in ops.items():
         cats[_category(name)] += v
