@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jvdm.nn.norm import GroupNorm
+
 __all__ = ["UNet", "count_params", "forward_flops"]
 
 _zeros = nn.initializers.zeros
@@ -61,10 +63,10 @@ class _ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=jnp.float32)
-        h = nn.swish(nn.GroupNorm(self.num_groups, **kw)(x))
+        h = nn.swish(GroupNorm(self.num_groups, **kw)(x))
         h = nn.Conv(self.out_channels, (3, 3), **kw)(h)
         h = h + nn.Dense(self.out_channels, **kw)(cond)[:, None, None, :]
-        h = nn.swish(nn.GroupNorm(self.num_groups, **kw)(h))
+        h = nn.swish(GroupNorm(self.num_groups, **kw)(h))
         h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
         # Zero-init: each block starts as the identity, which keeps a deep U-Net trainable.
         h = nn.Conv(self.out_channels, (3, 3), kernel_init=_zeros, **kw)(h)
@@ -84,7 +86,7 @@ class _AttnBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, hgt, wid, c = x.shape
         kw = dict(dtype=self.dtype, param_dtype=jnp.float32)
-        h = nn.GroupNorm(self.num_groups, **kw)(x).reshape(b, hgt * wid, c)
+        h = GroupNorm(self.num_groups, **kw)(x).reshape(b, hgt * wid, c)
         qkv = nn.DenseGeneral((3, self.num_heads, c // self.num_heads), **kw)(h)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, d]
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(c // self.num_heads)
@@ -245,7 +247,7 @@ class UNet(nn.Module):
                 h = nn.Conv(cc, (3, 3), name=f"upsample_{level}", **kw)(h)
         assert not hs
 
-        h = nn.swish(nn.GroupNorm(self.num_groups, name="norm_out", **kw)(h))
+        h = nn.swish(GroupNorm(self.num_groups, name="norm_out", **kw)(h))
         c_out = self.out_channels or c_in
         out = nn.Conv(c_out, (3, 3), kernel_init=_zeros, name="conv_out", **kw)(h)
         return out.astype(jnp.float32)
