@@ -68,3 +68,14 @@ def test_opt_out_leaves_the_runtime_untouched():
 def test_a_users_dispatch_setting_wins():
     res = _probe(JAX_CPU_ENABLE_ASYNC_DISPATCH="true")
     assert res["async"] is True
+
+
+def test_host_memory_setting_only_where_jax_computes_on_the_cpu(monkeypatch):
+    from jvdm import _xla_defaults
+
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+    assert not _xla_defaults._cpu_backend_expected()
+    monkeypatch.setenv("JAX_PLATFORMS", "tpu")
+    assert not _xla_defaults._cpu_backend_expected()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert _xla_defaults._cpu_backend_expected()

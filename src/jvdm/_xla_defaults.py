@@ -21,13 +21,16 @@ not made; anything in the user's ``XLA_FLAGS`` or ``JAX_CPU_ENABLE_ASYNC_DISPATC
   is turned off too (``jax_cpu_enable_async_dispatch=False``): a CPU computation then runs on the
   calling thread and the call returns when it is done, which changes no result. Together: 220 ->
   159 ms per default train step (kernel time 93 -> 2 ms). The cost is that the process keeps the
-  freed memory for reuse instead of returning it to the system.
+  freed memory for reuse instead of returning it to the system, so this is done only where JAX
+  will compute on the CPU (``JAX_PLATFORMS`` starts with ``cpu``, or no accelerator plugin is
+  installed).
 
 Set ``JVDM_NO_XLA_DEFAULTS=1`` to leave all of this untouched.
 """
 
 import ctypes
 import ctypes.util
+import importlib.util
 import os
 import sys
 
@@ -42,9 +45,19 @@ _M_MMAP_MAX = -4
 _TRIM_THRESHOLD = 2**31 - 1
 
 
+def _cpu_backend_expected() -> bool:
+    """Whether JAX will compute on the CPU: ``JAX_PLATFORMS`` says so, or names nothing and no
+    accelerator plugin (CUDA/ROCm plugins live in ``jax_plugins``; TPUs need ``libtpu``) is
+    installed. Elsewhere the host-memory setting would only keep memory and gain nothing."""
+    platforms = [p.strip() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    if platforms:
+        return platforms[0] == "cpu"
+    return not any(importlib.util.find_spec(m) for m in ("jax_plugins", "libtpu"))
+
+
 def _keep_freed_memory() -> bool:
     """Makes glibc serve large blocks from the heap and keep them after ``free``."""
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or not _cpu_backend_expected():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
