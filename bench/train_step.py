@@ -90,17 +90,11 @@ def process_costs(step_fn, state, batch, key, *, steps: int):
     hands every step fresh pages (see ``jvdm/_xla_defaults.py``). Measured over ``steps`` steps
     of their own (no peak probes in between), after the timed ones.
     """
-    import jax
-
     r0 = resource.getrusage(resource.RUSAGE_SELF)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = step_fn(state, batch, key)
-        jax.block_until_ready((state, metrics))
-    wall = time.perf_counter() - t0
+    state, times, _ = time_steps(step_fn, state, batch, key, steps=steps, warmup=0)
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     return state, {
-        "wall_ms_per_step": 1e3 * wall / steps,
+        "wall_ms_per_step": 1e3 * sum(times) / steps,
         "user_cpu_ms_per_step": 1e3 * (r1.ru_utime - r0.ru_utime) / steps,
         "kernel_cpu_ms_per_step": 1e3 * (r1.ru_stime - r0.ru_stime) / steps,
         "page_faults_per_step": (r1.ru_minflt - r0.ru_minflt) / steps,

@@ -83,6 +83,8 @@ def apply() -> bool:
     if added:
         os.environ["XLA_FLAGS"] = " ".join([flags, *added]).strip()
     changed = bool(added)
+    # The memory setting helps only with synchronous dispatch (see the module docstring), so a
+    # user who chose the dispatch mode gets neither.
     if "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in os.environ and _keep_freed_memory():
         import jax
 
