@@ -8,7 +8,7 @@ paper).
 Differs: the learned schedule's interior is trained on the variance of the loss (appendix I.2; the
 official code does not do this); random horizontal flips are off, as in the paper's likelihood runs;
 gradient clipping at 1.0 is ours; steps default to 2M, set `--config.train.steps` for longer.
-Needs `jvdm data prepare cifar10` on a machine with network first.
+Needs `jvdm data prepare cifar10` first (it downloads the archive, or `--from` a local copy).
 """
 
 from jvdm.config import base_config

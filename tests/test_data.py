@@ -209,7 +209,7 @@ def test_unprepared_standard_dataset_fails_fast(tmp_path):
         data.make_train_loader("cifar10", global_batch_size=8, seed=0, data_dir=tmp_path)
     assert time.perf_counter() - start < 5.0
     with pytest.raises(data.DatasetNotPreparedError):
-        data.dataset_info("downsampled_imagenet/32x32", data_dir=tmp_path)
+        data.dataset_info("imagenet32", data_dir=tmp_path)
     assert not any(tmp_path.iterdir())  # Nothing was downloaded or created.
     rows = data.list_datasets(tmp_path)
     assert [r[0] for r in rows] == data.known_datasets()

@@ -94,13 +94,7 @@ def _build_parser() -> _Parser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None, help="tfds data dir (default: the config's)")
 
-    p = sub.add_parser("data", help="prepare or list datasets")
-    data_sub = p.add_subparsers(dest="data_command", metavar="{prepare,list}", parser_class=_Parser)
-    q = data_sub.add_parser("prepare", help="build/download a dataset in array_record format")
-    q.add_argument("name")
-    q.add_argument("--data-dir", default=None)
-    q = data_sub.add_parser("list", help="list known datasets and whether they are prepared")
-    q.add_argument("--data-dir", default=None)
+    _add_data_parser(sub)
     return parser
 
 
@@ -223,18 +217,76 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _add_data_parser(sub) -> None:
+    p = sub.add_parser("data", help="prepare or list datasets")
+    data_sub = p.add_subparsers(dest="data_command", metavar="{prepare,list}", parser_class=_Parser)
+    q = data_sub.add_parser(
+        "prepare",
+        help="prepare a dataset in array_record format",
+        description="Prepare a dataset: download it (checking the published sha256), or parse a "
+        "local copy (--from), or make one from a folder of images (--images).",
+    )
+    q.add_argument(
+        "name", help="a known dataset (see `jvdm data list`), or a new name for --images"
+    )
+    q.add_argument("--data-dir", default=None)
+    q.add_argument(
+        "--from",
+        dest="source",
+        default=None,
+        metavar="PATH",
+        help="the published archive, or a folder holding the published files",
+    )
+    q.add_argument(
+        "--skip-checksum",
+        action="store_true",
+        help="use files that differ from the published ones, with a warning",
+    )
+    q.add_argument(
+        "--images",
+        default=None,
+        metavar="DIR",
+        help="a folder of PNG/JPEG images (one sub-folder per class, if any)",
+    )
+    q.add_argument("--size", type=_positive_int, default=32, help="--images: pixels (default 32)")
+    q.add_argument("--grayscale", action="store_true", help="--images: one channel")
+    q.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.1,
+        help="--images: share of the files in the test split (default 0.1)",
+    )
+    q = data_sub.add_parser("list", help="list known datasets and whether they are prepared")
+    q.add_argument("--data-dir", default=None)
+
+
 def _cmd_data(args) -> int:
-    from jvdm import data as data_lib
+    from jvdm import datasets
 
     if args.data_command == "prepare":
-        path = data_lib.prepare(args.name, data_dir=args.data_dir)
+        if args.images is not None:
+            if args.source is not None or args.skip_checksum:
+                raise UsageError("--images makes a dataset from a folder; it takes no --from")
+            path = datasets.prepare_images(
+                args.name,
+                args.images,
+                args.data_dir,
+                size=args.size,
+                grayscale=args.grayscale,
+                test_fraction=args.test_fraction,
+            )
+        else:
+            path = datasets.prepare(
+                args.name, args.data_dir, source=args.source, skip_checksum=args.skip_checksum
+            )
         print(f"{args.name}: prepared in {path}")
         return 0
     if args.data_command == "list":
-        print(f"data dir: {data_lib.get_data_dir(args.data_dir)}")
-        for name, is_prepared, shape in data_lib.list_datasets(args.data_dir):
+        print(f"data dir: {datasets.get_data_dir(args.data_dir)}")
+        for name, is_prepared, shape in datasets.list_datasets(args.data_dir):
             status = "prepared" if is_prepared else "not prepared"
-            print(f"  {name:<28} {'x'.join(map(str, shape)):<9} {status}")
+            note = datasets.describe(name, args.data_dir)
+            print(f"  {name:<15} {'x'.join(map(str, shape)):<8} {status:<13} {note}")
         return 0
     raise UsageError("`jvdm data` needs a subcommand: prepare NAME or list")
 

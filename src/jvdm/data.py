@@ -56,7 +56,7 @@ PathLike = str | os.PathLike
 def _read(source: Sequence[Any], indices: np.ndarray) -> Batch:
     """Decoded examples ``indices`` of ``source`` as ``{'image': [n,H,W,C] uint8, 'label': [n]}``.
 
-    Datasets without labels (downsampled_imagenet) get label -1.
+    Datasets without labels (imagenet32/64, an unlabelled image folder) get label -1.
     """
     # One batched read: array_record fetches the records in parallel in C++.
     examples = source.__getitems__([int(i) for i in indices])  # type: ignore[attr-defined]
@@ -277,7 +277,7 @@ def make_eval_loader(
     """An :class:`EvalLoader`: every example of ``split`` once, in order, with a ``mask`` key.
 
     ``batch_size`` is global (summed over processes) and must be divisible by ``process_count``.
-    downsampled_imagenet has no 'test' split: use ``split='validation'``.
+    The ImageNet sets have no 'test' split: use ``split='validation'``.
     """
     return EvalLoader(
         open_split(name, split, data_dir),

@@ -381,7 +381,7 @@ def from_config(config) -> VDM:
     from jvdm.data import image_shape as dataset_shape  # local: the maths never needs tfds
     from jvdm.nn import unet as unet_lib
 
-    image_shape = dataset_shape(config.data.name)
+    image_shape = dataset_shape(config.data.name, config.data.data_dir)
     m, g = config.model, config.gamma
     denoiser = unet_lib.UNet(
         channels=m.channels,
