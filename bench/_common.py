@@ -19,6 +19,12 @@ import sys
 import time
 from collections.abc import Callable
 
+import jvdm
+
+# Every bench script imports this module before JAX: it measures what the `jvdm` command runs, with
+# jvdm's CPU runtime defaults (`JVDM_NO_XLA_DEFAULTS=1` in the environment measures raw XLA).
+jvdm.configure_cpu_runtime()
+
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results.jsonl"

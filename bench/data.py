@@ -27,8 +27,7 @@ import _common  # noqa: E402
 def _recorded_step_ms(config_name: str, batch: int) -> float | None:
     if not _common.RESULTS.exists():
         return None
-    import jvdm  # noqa: F401  (applies jvdm's XLA_FLAGS defaults, which a train_step record has)
-
+    # _common applied jvdm's CPU runtime defaults (XLA_FLAGS), which a train_step record has.
     # Only a record taken with this process's XLA flags (and so this code's defaults) will do.
     flags = os.environ.get("XLA_FLAGS", "")
     best = None

@@ -11,6 +11,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Keep tfds away from the user's real data directory and from the network.
 os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), "..", "tfds_data"))
 
+import jvdm  # noqa: E402
+
+# The tests run as the `jvdm` command does: with jvdm's CPU runtime defaults, applied before JAX
+# starts (`import jvdm` alone applies nothing; tests/test_runtime_defaults.py checks both).
+jvdm.configure_cpu_runtime()
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -41,7 +41,7 @@ def main() -> int:
     from jvdm import train as train_lib
 
     config = config_lib.apply_overrides(config_lib.load_config_file(args.config), args.overrides)
-    result = train_lib.train(config, args.workdir)
+    result = train_lib.train_and_evaluate(config, args.workdir)
     print(f"process {jax.process_index()}/{jax.process_count()} done", flush=True)
     print("RESULT " + json.dumps(result, default=str), flush=True)
     jax.distributed.shutdown()

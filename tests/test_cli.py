@@ -64,7 +64,9 @@ def test_train_unknown_experiment(tmp_path, capsys):
 def test_train_passes_the_overridden_validated_config(tmp_path, monkeypatch, capsys):
     calls = []
     fake = types.ModuleType("jvdm.train")
-    fake.train = lambda config, workdir: calls.append((config, workdir)) or {"bpd": 1.5}
+    fake.train_and_evaluate = lambda config, workdir: (
+        calls.append((config, workdir)) or {"bpd": 1.5}
+    )
     monkeypatch.setitem(sys.modules, "jvdm.train", fake)
     argv = [
         "train",

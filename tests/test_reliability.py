@@ -146,7 +146,7 @@ def test_kill9_then_restart_resumes_from_the_last_complete_checkpoint(reference,
     with pytest.raises(
         workdir_lib.WorkdirError, match=f"in use by another training run \\(PID {proc.pid} "
     ):
-        train_lib.train(tiny(), workdir)
+        train_lib.train_and_evaluate(tiny(), workdir)
     refused_in = time.perf_counter() - t0
 
     time.sleep(rng.uniform(0.0, 0.6))
@@ -292,7 +292,7 @@ def test_an_unwritable_workdir_fails_before_training(tmp_path, capsys):
     workdir = str(blocker / "run")  # not even root can create a directory under a file
     t0 = time.perf_counter()
     with pytest.raises(workdir_lib.WorkdirError, match="is not writable .*Not a directory"):
-        train_lib.train(tiny(), workdir)
+        train_lib.train_and_evaluate(tiny(), workdir)
     assert time.perf_counter() - t0 < 5  # before any compile
     argv = ["train", "--config", os.path.join(REPO, "experiments/tiny.py"), "--workdir", workdir]
     assert cli.main(argv) == 2
@@ -337,7 +337,7 @@ def tmpfs(tmp_path):
 def test_a_read_only_file_system_fails_before_training(tmpfs):
     workdir = str(tmpfs("ro", "ro,size=1m") / "run")  # EROFS: root cannot write either
     with pytest.raises(workdir_lib.WorkdirError, match="not writable .*Read-only file system"):
-        train_lib.train(tiny(), workdir)
+        train_lib.train_and_evaluate(tiny(), workdir)
 
 
 def test_a_full_disk_stops_the_run_and_keeps_the_older_checkpoints(reference, env, tmpfs):

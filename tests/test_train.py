@@ -110,7 +110,7 @@ def runs(tmp_path_factory):
     try:
         straight_dir = str(tmp_path_factory.mktemp("straight"))
         # Evaluates at step 10 and at the end (the same compiled programs both times).
-        straight = train_lib.train(tiny("train.eval_every=10"), straight_dir)
+        straight = train_lib.train_and_evaluate(tiny("train.eval_every=10"), straight_dir)
 
         resumed_dir = str(tmp_path_factory.mktemp("resumed"))
         handler = signal.getsignal(signal.SIGTERM)
@@ -120,9 +120,9 @@ def runs(tmp_path_factory):
                 os.kill(os.getpid(), signal.SIGTERM)
 
         no_eval = tiny("train.use_final_eval=False")
-        stopped = train_lib.train(no_eval, resumed_dir, step_callback=preempt)
+        stopped = train_lib.train_and_evaluate(no_eval, resumed_dir, step_callback=preempt)
         handler_after = signal.getsignal(signal.SIGTERM)
-        resumed = train_lib.train(no_eval, resumed_dir)
+        resumed = train_lib.train_and_evaluate(no_eval, resumed_dir)
     finally:
         jax.monitoring.unregister_event_duration_listener(on_event)
     return dict(
@@ -210,7 +210,7 @@ def test_one_device_matches_four_and_checkpoints_move_between_them(runs, tmp_pat
     mesh4 = parallel.make_mesh()
     config = tiny("train.use_final_eval=False")
     one_dir = str(tmp_path / "one")
-    assert train_lib.train(config, one_dir, mesh=mesh1)["step"] == STEPS
+    assert train_lib.train_and_evaluate(config, one_dir, mesh=mesh1)["step"] == STEPS
 
     gap, bpd_gap, max_diff = compare_runs(one_dir, runs["straight_dir"], config, mesh4)
     print(f"1 vs 4 devices: relative gap {gap:.2g}, bpd {bpd_gap:.2g}, max |dp| {max_diff:.2g}")
@@ -370,7 +370,7 @@ def test_nonfinite_streak_stops_and_keeps_the_last_good_checkpoint(tmp_path, mon
     monkeypatch.setattr(train_lib, "train_step", poisoned_step)
     workdir = str(tmp_path / "nan")
     with pytest.raises(train_lib.NonFiniteError) as err:
-        train_lib.train(config, workdir)
+        train_lib.train_and_evaluate(config, workdir)
     message = str(err.value)
     assert f"steps {poison_at}..{poison_at + limit - 1}" in message
     assert "max_consecutive_nonfinite=3" in message and "step 8" in message
@@ -402,7 +402,7 @@ def test_a_streak_inside_a_logging_interval_is_caught():
 def test_changing_the_architecture_on_resume_is_rejected(runs):
     config = tiny("model.channels=16", "gamma.hidden=8", "train.use_final_eval=False")
     with pytest.raises(ValueError, match="model.channels") as err:
-        train_lib.train(config, runs["straight_dir"])
+        train_lib.train_and_evaluate(config, runs["straight_dir"])
     assert "gamma.hidden" in str(err.value) and "train.steps" not in str(err.value)
 
 
@@ -410,7 +410,7 @@ def test_images_that_do_not_fit_the_model_are_rejected(tmp_path, monkeypatch):
     # 28x28 MNIST cannot be halved three times.
     config = tiny("model.channel_mult=(1, 2, 2, 2)", "train.use_final_eval=False")
     with pytest.raises(ValueError, match=r"mnist_subset.*\(28, 28, 1\).*multiples of 8"):
-        train_lib.train(config, str(tmp_path / "a"))
+        train_lib.train_and_evaluate(config, str(tmp_path / "a"))
 
     # A loader giving another shape than the dataset's info is caught before the first step.
     real = data_lib.make_train_loader
@@ -425,12 +425,12 @@ def test_images_that_do_not_fit_the_model_are_rejected(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data_lib, "make_train_loader", lambda name, **kw: Wrong(name=name, **kw))
     with pytest.raises(ValueError, match=r"\(32, 32, 1\).*built for \(28, 28, 1\)"):
-        train_lib.train(tiny("train.use_final_eval=False"), str(tmp_path / "b"))
+        train_lib.train_and_evaluate(tiny("train.use_final_eval=False"), str(tmp_path / "b"))
 
 
 def test_batch_must_divide_among_devices(tmp_path):
     with pytest.raises(ValueError, match="divide by the number of devices"):
-        train_lib.train(tiny("train.batch_size=6"), str(tmp_path))
+        train_lib.train_and_evaluate(tiny("train.batch_size=6"), str(tmp_path))
 
 
 def test_weight_decay_mask_spares_biases_norms_and_the_schedule():
@@ -462,8 +462,8 @@ def test_learning_rate_warms_up_then_decays():
 def test_public_names():
     import jvdm
 
-    # `jvdm.train` is the module (with every name of it) and calls `train` when called.
-    assert jvdm.train.train is train_lib.train and callable(jvdm.train)
+    assert jvdm.train_and_evaluate is train_lib.train_and_evaluate
     assert jvdm.TrainState is state_lib.TrainState and jvdm.train_step is state_lib.train_step
     assert jvdm.create_train_state is state_lib.create_train_state
-    assert {"TrainState", "create_train_state", "train", "train_step"} <= set(jvdm.__all__)
+    names = {"TrainState", "create_train_state", "train_and_evaluate", "train_step"}
+    assert names <= set(jvdm.__all__)

@@ -1,76 +1,72 @@
-"""jvdm: Variational Diffusion Models in JAX/Flax."""
+"""jvdm: Variational Diffusion Models in JAX/Flax.
 
-# _xla_defaults must run before JAX creates its backend (it is imported first). `jvdm.train` stays
-# the module (so `jvdm.train.train_step` and `import jvdm.train` work); the module is callable, so
-# `jvdm.train(config, workdir)` runs `jvdm.train.train` (DESIGN.md).
-from jvdm import _xla_defaults, train  # noqa: F401
-from jvdm.diffusion import posterior_mean_var, q_sample
-from jvdm.evaluate import bpd, load
-from jvdm.losses import (
-    bpd_from_nats,
-    continuous_diffusion_loss,
-    decoder_log_likelihood,
-    decoder_log_probs,
-    denoising_matching_kl,
-    discrete_diffusion_loss,
-    gaussian_kl,
-    prior_kl,
-    prior_kl_from_gamma,
-    scale_pixels,
-    snr_weighted_loss,
-)
-from jvdm.sampling import sample
-from jvdm.schedules import (
-    alpha_bar,
-    alpha_bar_from_gamma,
-    cosine_alpha_bar,
-    gamma_from_alpha_bar,
-    linear_betas,
-    sigma_sq_from_gamma,
-    snr,
-    snr_from_gamma,
-)
-from jvdm.train import TrainState, create_train_state, train_step
+``import jvdm`` imports nothing but this file and changes no process state: each public name is
+imported from its module on first use (PEP 562). The CPU runtime defaults that jvdm measured
+(``XLA_FLAGS``, host memory reuse, synchronous CPU dispatch) are applied by the ``jvdm`` command
+before JAX starts; a script that wants them calls :func:`jvdm.configure_cpu_runtime` first thing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__: list[str] = []
-__all__ += [
+# Public name -> the module that defines it.
+_SOURCES: dict[str, str] = {
+    # runtime
+    "configure_cpu_runtime": "jvdm._xla_defaults",
+    # errors
+    "JvdmUserError": "jvdm.errors",
     # schedules
-    "alpha_bar",
-    "alpha_bar_from_gamma",
-    "cosine_alpha_bar",
-    "gamma_from_alpha_bar",
-    "linear_betas",
-    "sigma_sq_from_gamma",
-    "snr",
-    "snr_from_gamma",
+    "alpha_bar": "jvdm.schedules",
+    "alpha_bar_from_gamma": "jvdm.schedules",
+    "cosine_alpha_bar": "jvdm.schedules",
+    "gamma_from_alpha_bar": "jvdm.schedules",
+    "linear_betas": "jvdm.schedules",
+    "sigma_sq_from_gamma": "jvdm.schedules",
+    "snr": "jvdm.schedules",
+    "snr_from_gamma": "jvdm.schedules",
     # diffusion
-    "posterior_mean_var",
-    "q_sample",
+    "posterior_mean_var": "jvdm.diffusion",
+    "q_sample": "jvdm.diffusion",
     # losses
-    "bpd_from_nats",
-    "continuous_diffusion_loss",
-    "decoder_log_likelihood",
-    "decoder_log_probs",
-    "denoising_matching_kl",
-    "discrete_diffusion_loss",
-    "gaussian_kl",
-    "prior_kl",
-    "prior_kl_from_gamma",
-    "scale_pixels",
-    "snr_weighted_loss",
-]
-__all__ += [
+    "bpd_from_nats": "jvdm.losses",
+    "continuous_diffusion_loss": "jvdm.losses",
+    "decoder_log_likelihood": "jvdm.losses",
+    "decoder_log_probs": "jvdm.losses",
+    "denoising_matching_kl": "jvdm.losses",
+    "discrete_diffusion_loss": "jvdm.losses",
+    "gaussian_kl": "jvdm.losses",
+    "prior_kl": "jvdm.losses",
+    "prior_kl_from_gamma": "jvdm.losses",
+    "scale_pixels": "jvdm.losses",
+    "snr_weighted_loss": "jvdm.losses",
     # sampling and likelihood
-    "bpd",
-    "load",
-    "sample",
-]
-__all__ += [
+    "bpd": "jvdm.evaluate",
+    "load": "jvdm.evaluate",
+    "sample": "jvdm.sampling",
     # training
-    "TrainState",
-    "create_train_state",
-    "train",
-    "train_step",
-]
+    "TrainState": "jvdm.train_state",
+    "create_train_state": "jvdm.train_state",
+    "train_and_evaluate": "jvdm.train",
+    "train_step": "jvdm.train_state",
+}
+
+__all__ = ["__version__", *_SOURCES]
+
+
+def __getattr__(name: str) -> Any:
+    # A submodule (`jvdm.model`, `jvdm.train`) is not in the table: `from jvdm import model` finds
+    # no attribute here and imports it as a submodule.
+    module = _SOURCES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'jvdm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SOURCES})

@@ -1,9 +1,11 @@
-"""CPU runtime defaults that jvdm measured to be faster, applied before JAX starts its backend.
+"""CPU runtime defaults that jvdm measured to be faster: :func:`configure_cpu_runtime`.
 
 XLA reads ``XLA_FLAGS`` once, when the first backend is created, and JAX reads
-``jax_cpu_enable_async_dispatch`` at the same moment, so this module must be imported before any
-computation runs (``jvdm/__init__.py`` imports it first). It only *adds* settings that the user has
-not made; anything in the user's ``XLA_FLAGS`` or ``JAX_CPU_ENABLE_ASYNC_DISPATCH`` wins.
+``jax_cpu_enable_async_dispatch`` at the same moment, so the function must run before any
+computation. ``import jvdm`` never calls it: the ``jvdm`` command does (for the subcommands that
+compute, before they import JAX), and so may a user's script, first thing
+(``jvdm.configure_cpu_runtime()``). It only *adds* settings that the user has not made; anything in
+the user's ``XLA_FLAGS`` or ``JAX_CPU_ENABLE_ASYNC_DISPATCH`` wins.
 
 * ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot``: in jaxlib
   0.10.2, XLA:CPU hands single convolutions and matmuls to YNNPACK, which is slower than XLA's own
@@ -33,6 +35,8 @@ import ctypes.util
 import importlib.util
 import os
 import sys
+
+__all__ = ["configure_cpu_runtime"]
 
 _DEFAULTS = {
     "--xla_cpu_experimental_ynn_fusion_type": "-individual_convolution,-individual_dot",
@@ -69,12 +73,13 @@ def _keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
 
 
-def apply() -> bool:
-    """Adds the default flags to ``XLA_FLAGS`` and tunes the CPU runtime; returns whether anything
-    was changed.
+def configure_cpu_runtime() -> bool:
+    """Adds jvdm's default flags to ``XLA_FLAGS`` and tunes the CPU runtime (host memory reuse and
+    synchronous CPU dispatch, where JAX computes on the CPU); returns whether anything was changed.
 
-    If a JAX backend was already created (jax used before ``import jvdm``), the flags and the
-    dispatch mode have no effect on it: nothing breaks, that process simply runs without them.
+    Call it before the first JAX computation. If a JAX backend was already created, the flags and
+    the dispatch mode have no effect on it: nothing breaks, that process simply runs without them.
+    Set ``JVDM_NO_XLA_DEFAULTS=1`` to make it a no-op. See the module docstring for the figures.
     """
     if os.environ.get("JVDM_NO_XLA_DEFAULTS"):
         return False
@@ -91,6 +96,3 @@ def apply() -> bool:
         jax.config.update("jax_cpu_enable_async_dispatch", False)
         changed = True
     return changed
-
-
-apply()

@@ -13,13 +13,14 @@ A user error (missing file, config typo, bad argument, unprepared dataset, a wor
 is unwritable or in use, a corrupt checkpoint) prints one line ``jvdm: error: ...`` and exits with
 status 2; a run that fails for a reason it explains (a full disk, a diverged loss) does the same
 with status 1. Set ``JVDM_DEBUG=1`` to see the traceback instead.
-jax and tfds are imported only by the subcommands that need them, so ``--help`` is instant.
+jax and tfds are imported only by the subcommands that need them, so ``--help`` answers at once;
+the subcommands that compute apply jvdm's CPU runtime defaults (``jvdm.configure_cpu_runtime``)
+before they import JAX.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -98,6 +99,14 @@ def _build_parser() -> _Parser:
     return parser
 
 
+def _configure_runtime() -> None:
+    """jvdm's measured CPU runtime defaults, for the subcommands that compute; called before they
+    import JAX (``import jvdm`` itself changes no process state)."""
+    from jvdm._xla_defaults import configure_cpu_runtime
+
+    configure_cpu_runtime()
+
+
 def _split_overrides(extra: Sequence[str]) -> list[str]:
     """``--config.a.b=v``, ``--config.a.b v`` and bare ``a.b=v`` tokens as ``a.b=v`` strings."""
     overrides, i = [], 0
@@ -136,14 +145,14 @@ def _load_config(spec: str, overrides: Sequence[str]):
 
 def _cmd_train(args, extra) -> int:
     config = _load_config(args.config, _split_overrides(extra))
-    # import_module: `jvdm.train` may also be the name of a function in the package namespace.
-    train_lib = importlib.import_module("jvdm.train")
+    _configure_runtime()
     from jvdm import parallel
+    from jvdm.train import train_and_evaluate
 
     # Multi-host runs (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or a SLURM,
     # Open MPI or TPU cluster) join here, before any computation; a no-op for one process.
     parallel.initialize_distributed()
-    result = train_lib.train(config, args.workdir)
+    result = train_and_evaluate(config, args.workdir)
     if result:
         print(json.dumps(result, indent=2, sort_keys=True, default=_json_default))
     return 0
@@ -157,6 +166,7 @@ def _json_default(value):
 
 
 def _cmd_sample(args) -> int:
+    _configure_runtime()
     import jax
 
     from jvdm import evaluate, sampling, viz
@@ -195,6 +205,7 @@ def _cmd_sample(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    _configure_runtime()
     import jax
 
     from jvdm import evaluate
@@ -261,6 +272,7 @@ def _add_data_parser(sub) -> None:
 
 
 def _cmd_data(args) -> int:
+    # jvdm.datasets, not jvdm.data: listing needs neither grain nor JAX.
     from jvdm import datasets
 
     if args.data_command == "prepare":

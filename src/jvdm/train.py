@@ -4,7 +4,7 @@ The host loop only feeds batches and reads numbers back at logging intervals; ev
 changes lives in :class:`TrainState` and changes only through the compiled
 :func:`train_step` (see :mod:`jvdm.train_state`).
 
-A work directory, written by :func:`train` (a run resumes from it when it is reused):
+A work directory, written by :func:`train_and_evaluate` (a run resumes from it when it is reused):
 
 * ``config.json`` — the config (a resumed run must not change the architecture);
 * ``checkpoints/<step>/`` — orbax checkpoints of the whole state;
@@ -22,7 +22,6 @@ import signal
 import sys
 import threading
 import time
-import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -42,7 +41,7 @@ __all__ = [
     "TrainState",
     "create_train_state",
     "run_keys",
-    "train",
+    "train_and_evaluate",
     "train_step",
 ]
 
@@ -143,7 +142,7 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     return k_init, k_train, k_eval
 
 
-def train(
+def train_and_evaluate(
     config,
     workdir: str,
     *,
@@ -366,14 +365,3 @@ def _loop(config, state, mesh, manager, writer, workdir, start, model, train_key
                 writer.write(done, {f"eval/{k}": result[k] for k in ("bpd_mean", "bpd_sem")})
                 train_log.plot_curves(workdir)
     return state, done, stopped, logged
-
-
-class _CallableModule(types.ModuleType):
-    """Makes ``jvdm.train(config, workdir)`` call :func:`train` while ``jvdm.train`` stays this
-    module (a function of the same name in ``jvdm/__init__`` would shadow the module)."""
-
-    def __call__(self, config, workdir: str, **kwargs) -> dict[str, Any]:
-        return train(config, workdir, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
