@@ -73,8 +73,10 @@ def test_original_layout_is_read_back_exactly(tmp_path, name, capsys):
     content = _write(name, tmp_path / "src")
     start = time.perf_counter()
     datasets.prepare(name, tmp_path / "dd", source=tmp_path / "src", skip_checksum=True)
-    print(f"{name}: prepared in {time.perf_counter() - start:.2f} s")
+    elapsed = time.perf_counter() - start
     assert "unverified (--skip-checksum)" in capsys.readouterr().err
+    with capsys.disabled():  # shown with `pytest -s`
+        print(f"\n{name}: prepared in {elapsed:.2f} s")
     _assert_holds(name, tmp_path / "dd", content)
     assert (name, True, datasets.image_shape(name)) in datasets.list_datasets(tmp_path / "dd")
 
