@@ -48,3 +48,23 @@ def perturbed_learned(key, *, gamma_min: float, gamma_max: float, hidden: int = 
         "l3_kernel": 20.0 * jax.random.normal(k3, (hidden,)),
     }
     return sched, {"params": {**params["params"], "net": net}}
+
+
+class CorrelatedGaussianDenoiser(nn.Module):
+    """The exact eps-denoiser of N(m, Sigma) data with ``Sigma = U diag(lam) U^T`` over the
+    flattened image: ``E[eps | z] = sigma C^{-1} (z - alpha m)``, ``C = alpha^2 Sigma + sigma^2 I``.
+    Its Jacobian is not diagonal, so Hutchinson's estimate has a variance."""
+
+    m: float
+    u: tuple  # [D][D] orthogonal, as nested tuples (a hashable module field)
+    lam: tuple  # [D] eigenvalues of Sigma
+
+    @nn.compact
+    def __call__(self, z, gamma, *, train=False):
+        del train
+        u, lam = jnp.asarray(self.u, jnp.float32), jnp.asarray(self.lam, jnp.float32)
+        g = gamma.reshape(-1, 1)
+        a2, s2 = jax.nn.sigmoid(-g), jax.nn.sigmoid(g)
+        r = z.reshape(z.shape[0], -1) - jnp.sqrt(a2) * self.m
+        w = (r @ u) / (a2 * lam[None, :] + s2)  # C^{-1} in the eigenbasis of Sigma
+        return (jnp.sqrt(s2) * (w @ u.T)).reshape(z.shape)

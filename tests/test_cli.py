@@ -149,3 +149,17 @@ def test_eval_a_saved_run(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["num_images"] == 297 and result["split"] == "test"
     assert np.isfinite(result["bpd_mean"]) and "±" in result["summary"]
+
+
+@pytest.mark.slow
+def test_eval_ode_prints_elbo_and_ode_side_by_side(tmp_path, capsys):
+    from test_evaluate import write_run
+
+    write_run(str(tmp_path), steps=(1,))
+    argv = ["eval", "--workdir", str(tmp_path), "--ode", "--images", "4", "--rtol", "1e-3"]
+    assert cli.main(argv + ["--atol", "1e-3", "--probes", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["num_images"] == result["ode_num_images"] == 4
+    assert result["split"] == "test[:4]" and result["ode_probes"] == 2
+    assert np.isfinite(result["ode_bpd_mean"]) and result["ode_nfe_mean"] > 6
+    assert result["summary"].startswith("ELBO ") and "| ODE " in result["summary"]

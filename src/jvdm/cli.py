@@ -94,6 +94,12 @@ def _build_parser() -> _Parser:
     p.add_argument("--batch-size", type=_positive_int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None, help="tfds data dir (default: the config's)")
+    p.add_argument("--ode", action="store_true", help="also the probability-flow ODE bpd")
+    p.add_argument("--images", type=_positive_int, default=None, help="only the first N images")
+    p.add_argument("--probes", type=_positive_int, default=1, help="Hutchinson probes (--ode)")
+    p.add_argument("--rtol", type=float, default=1e-5, help="ODE solver rtol (--ode)")
+    p.add_argument("--atol", type=float, default=1e-5, help="ODE solver atol (--ode)")
+    p.add_argument("--dequantization", default="truncated_normal", help="or uniform (--ode)")
 
     _add_data_parser(sub)
     return parser
@@ -212,6 +218,8 @@ def _cmd_eval(args) -> int:
 
     params, config = evaluate.load_with_config(args.workdir)
     split = args.split or config.data.eval_split
+    if args.images is not None:
+        split = f"{split}[:{args.images}]"  # tfds slicing: the ELBO and the ODE see one subset
     result = evaluate.evaluate_split(
         params,
         dataset=config.data.name,
@@ -224,6 +232,28 @@ def _cmd_eval(args) -> int:
     )
     result = {"dataset": config.data.name, "split": split, **result}
     result["summary"] = f"{result['bpd_mean']:.4f} ± {result['bpd_sem']:.4f} bpd (mean ± SEM)"
+    if args.ode:
+        from jvdm import ode
+
+        kw = {"probes": args.probes, "rtol": args.rtol, "atol": args.atol}
+        result.update(
+            ode.evaluate_split_ode(
+                params,
+                dataset=config.data.name,
+                split=split,
+                key=jax.random.fold_in(jax.random.key(args.seed), 1),
+                data_dir=args.data_dir or config.data.data_dir,
+                dequantization=args.dequantization,
+                batch_size=args.batch_size,
+                **kw,
+            )
+        )
+        result["summary"] = (
+            f"ELBO {result['bpd_mean']:.4f} ± {result['bpd_sem']:.4f} bpd | ODE "
+            f"{result['ode_bpd_mean']:.4f} ± {result['ode_bpd_sem']:.4f} bpd (mean ± SEM over "
+            f"{result['ode_num_images']} images; {args.probes} probes, "
+            f"{result['ode_nfe_mean']:.0f} evaluations, {result['ode_seconds']:.1f} s)"
+        )
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
 

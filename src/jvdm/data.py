@@ -293,3 +293,10 @@ def load_split_array(name: str, split: str, data_dir: PathLike | None = None) ->
     """All images of a split in storage order, uint8 ``[N, H, W, C]``; for small datasets only."""
     source = open_split(name, split, data_dir)
     return _read(source, np.arange(len(source)))["image"]
+
+
+def load_split(name: str, split: str, data_dir: PathLike | None = None) -> Batch:
+    """A whole split in storage order: ``{'image': uint8 [N, H, W, C], 'label': int32 [N]}``
+    (label -1 where the dataset has none); for small datasets only."""
+    source = open_split(name, split, data_dir)
+    return _read(source, np.arange(len(source)))

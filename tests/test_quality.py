@@ -1,0 +1,136 @@
+"""Sample-quality metrics against closed forms and Monte Carlo, and the cached classifier."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from jvdm import quality
+from jvdm import quality_classifier as qc
+from jvdm.errors import JvdmUserError
+
+
+def test_fd_of_a_set_with_itself_is_zero():
+    a = np.random.default_rng(0).standard_normal((500, 8)) @ np.diag(np.arange(1.0, 9.0))
+    assert abs(quality.frechet_distance(a, a)) < 1e-8
+
+
+def test_fd_matches_the_gaussian_closed_form_for_a_known_shift_and_scale():
+    """For N(mu_1, S_1) and N(mu_2, S_2) with commuting diagonal covariances,
+    FD = |mu_1 - mu_2|^2 + sum (sqrt(s_1) - sqrt(s_2))^2; large samples approach it."""
+    rng = np.random.default_rng(1)
+    d, n = 4, 200_000
+    s1, s2 = np.array([1.0, 2.0, 0.5, 1.5]), np.array([1.0, 0.5, 0.5, 3.0])
+    for shift in (0.0, 0.5, 2.0):
+        a = rng.standard_normal((n, d)) * np.sqrt(s1)
+        b = shift + rng.standard_normal((n, d)) * np.sqrt(s2)
+        want = d * shift**2 + np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2)
+        # Sampling error of the estimate: the mean term's delta-method s.e. plus a covariance
+        # term of order sqrt(d / n) (Monte Carlo, so 4 s.e.).
+        se = math.sqrt(np.sum(4 * shift**2 * (s1 + s2) / n)) + 2 * math.sqrt(d / n)
+        assert quality.frechet_distance(a, b) == pytest.approx(want, abs=4 * se)
+    # and it grows with the shift, as the closed form says
+    base = rng.standard_normal((5000, d))
+    fds = [quality.frechet_distance(base, base + s) for s in (0.1, 0.2, 0.4)]
+    np.testing.assert_allclose(fds, [d * s * s for s in (0.1, 0.2, 0.4)], rtol=1e-9)
+
+
+def test_kid_is_unbiased_zero_for_one_distribution():
+    rng = np.random.default_rng(2)
+    values = np.array(
+        [
+            quality.kernel_distance(rng.standard_normal((50, 6)), rng.standard_normal((60, 6)))
+            for _ in range(300)
+        ]
+    )
+    sem = values.std(ddof=1) / math.sqrt(len(values))
+    assert abs(values.mean()) < 4 * sem
+    shifted = quality.kernel_distance(
+        rng.standard_normal((50, 6)), rng.standard_normal((60, 6)) + 1
+    )
+    assert shifted > values.mean() + 10 * values.std()
+
+
+def test_kid_equals_a_brute_force_loop():
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((7, 3)), rng.standard_normal((5, 3))
+    k = lambda x, y: (np.dot(x, y) / 3 + 1) ** 3
+    aa = sum(k(a[i], a[j]) for i in range(7) for j in range(7) if i != j) / (7 * 6)
+    bb = sum(k(b[i], b[j]) for i in range(5) for j in range(5) if i != j) / (5 * 4)
+    ab = sum(k(x, y) for x in a for y in b) / 35
+    assert quality.kernel_distance(a, b) == pytest.approx(aa + bb - 2 * ab, rel=1e-12)
+
+
+def test_precision_and_recall_follow_a_known_overlap():
+    """Real: two far-apart clusters. Fakes on one cluster only: precision as for a perfect
+    sampler, recall halved. Fakes half on the real clusters, half far away: precision halved."""
+    rng = np.random.default_rng(4)
+    n, d = 1000, 2
+    cluster = lambda c, m: c + rng.standard_normal((m, d))
+    real = np.concatenate([cluster(0.0, n // 2), cluster(100.0, n // 2)])
+    same = np.concatenate([cluster(0.0, n // 2), cluster(100.0, n // 2)])
+    p_same, r_same = quality.precision_recall(real, same)
+    p_one, r_one = quality.precision_recall(real, cluster(0.0, n))
+    half_far = np.concatenate([cluster(0.0, n // 4), cluster(100.0, n // 4), cluster(-100, n // 2)])
+    p_far, r_far = quality.precision_recall(real, half_far)
+    assert p_same > 0.9 and r_same > 0.9
+    assert p_one == pytest.approx(p_same, abs=0.04) and r_one == pytest.approx(r_same / 2, abs=0.04)
+    assert p_far == pytest.approx(p_same / 2, abs=0.04)
+
+
+def test_bad_inputs_say_what_is_wrong():
+    with pytest.raises(JvdmUserError, match="expected"):
+        quality.frechet_distance(np.zeros((1, 3)), np.zeros((5, 3)))
+    with pytest.raises(JvdmUserError, match="uint8"):
+        quality.sample_quality(np.zeros((8, 8, 8, 1), np.float32), dataset="digits")
+
+
+def _digits(tmp_path):
+    """A data directory of its own (the classifier cache lives there) with digits prepared."""
+    from jvdm import datasets
+
+    datasets.prepare("digits", tmp_path / "data")
+    return tmp_path / "data"
+
+
+FAST = dict(channels=(8, 16), features=16, steps=150)
+
+
+def test_classifier_is_cached_reused_and_retrained_when_its_recipe_changes(tmp_path, monkeypatch):
+    data_dir = _digits(tmp_path)
+    recipe = qc.Recipe("digits", **FAST)
+    first = qc.get_classifier(recipe, data_dir)
+    assert first.trained_now and 0.5 < first.test_accuracy <= 1.0
+    meta = json.loads((qc.cache_dir(recipe, data_dir) / "meta.json").read_text())
+    assert meta["digest"] == recipe.digest() and meta["test_accuracy"] == first.test_accuracy
+
+    calls = []
+    monkeypatch.setattr(qc, "_train", lambda *a: calls.append(a) or pytest.fail("retrained"))
+    again = qc.get_classifier(recipe, data_dir)
+    assert not again.trained_now and again.test_accuracy == first.test_accuracy
+    images = np.random.default_rng(0).integers(0, 17, (5, 8, 8, 1)).astype(np.uint8)
+    np.testing.assert_array_equal(again.apply(images)[1], first.apply(images)[1])
+    monkeypatch.undo()
+
+    changed = dataclasses.replace(recipe, steps=151)
+    assert changed.digest() != recipe.digest()
+    assert qc.get_classifier(changed, data_dir).trained_now
+
+
+def test_sample_quality_of_real_images_is_near_its_floor(tmp_path):
+    from jvdm import data as data_lib
+
+    data_dir = _digits(tmp_path)
+
+    train = data_lib.load_split_array("digits", "train", data_dir)
+    recipe = qc.Recipe("digits", **FAST)
+    real = quality.sample_quality(train[-100:], dataset="digits", data_dir=data_dir, recipe=recipe)
+    noise = np.random.default_rng(0).integers(0, 17, (100, 8, 8, 1)).astype(np.uint8)
+    bad = quality.sample_quality(noise, dataset="digits", data_dir=data_dir, recipe=recipe)
+    assert set(real["samples"]) == set(quality.METRICS) and real["n"] == 100
+    floor = real["real_train"]
+    assert real["samples"]["fd"] < 2 * floor["fd"] + 1e-3 < bad["samples"]["fd"]
+    assert bad["samples"]["precision"] < floor["precision"]
+    assert "real train" in quality.format_table(bad)
