@@ -75,6 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.seed = 0
     c.train.batch_size = 32
+    # Micro-batches per step: gradients of batch_size / k images at a time, summed, one update.
+    c.train.grad_accum_steps = 1
     c.train.steps = 1800
     c.train.log_every = 50
     c.train.eval_every = 1800
@@ -131,6 +133,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(o.grad_clip > 0, "optimizer.grad_clip", o.grad_clip, "must be positive")
     need(t.batch_size > 0, "train.batch_size", t.batch_size, "must be positive")
     need(t.steps > 0, "train.steps", t.steps, "must be positive")
+    need(t.grad_accum_steps > 0, "train.grad_accum_steps", t.grad_accum_steps, "must be positive")
     for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         need(t[name] > 0, f"train.{name}", t[name], "must be positive")
     need(

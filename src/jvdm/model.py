@@ -320,8 +320,76 @@ def is_endpoint(path) -> bool:
     return any(getattr(p, "key", None) in ENDPOINT_NAMES for p in path)
 
 
+def _split(x: jax.Array, k: int) -> jax.Array:
+    """``[B, ...] -> [k, B / k, ...]``, micro-batch ``i`` taking rows ``i, i + k, i + 2k, ...``.
+
+    Strided, not contiguous: with the batch sharded in contiguous blocks over devices, every
+    micro-batch then takes ``B / (k n)`` rows from each of the ``n`` devices (which needs ``k`` to
+    divide the per-device batch), so no device idles and no data moves.
+    """
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+
+def _unsplit(x: jax.Array) -> jax.Array:
+    """The inverse of :func:`_split`: ``[k, B / k, ...] -> [B, ...]`` in the original order."""
+    return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _bound_grads(model: VDM, den_params, images, per_example, g_0, g_1, noise, *, train, k):
+    """``((mean bpd, per-example bpd terms), cotangents)`` of the bound, in ``k`` micro-batches.
+
+    The cotangents are the gradients of the batch-mean bound with respect to the denoiser's
+    parameters, the per-example ``gamma_t, gamma'_t, gamma_s`` and the end points. With ``k > 1``
+    a ``lax.scan`` runs forward and backward on one micro-batch at a time (peak memory of
+    ``B / k`` examples) and sums the gradients of ``sum(bpd_i) / B``: the batch's mean, with the
+    same times and noise as the whole batch would use.
+    """
+    T = model.timesteps
+
+    def objective(den_params, g_t, dg_t, g_s, g_0, g_1, images, noise, scale):
+        terms = _bound_terms(
+            model, den_params, images, g_t, dg_t, g_s, g_0, g_1, noise, train=train, timesteps=T
+        )
+        bpd = _to_bpd(model, terms)
+        return scale(bpd["bpd"]), bpd
+
+    grad_fn = jax.value_and_grad(objective, argnums=(0, 1, 2, 3, 4, 5), has_aux=True)
+    if k == 1:
+        return grad_fn(den_params, *per_example, g_0, g_1, images, noise, jnp.mean)
+    t, s, eps, eps0, k_drop = noise
+    batch = images.shape[0]
+    xs = (jnp.arange(k), _split(images, k), _split(eps, k), _split(eps0, k))
+    xs = xs + tuple(_split(v, k) for v in per_example)
+
+    def body(carry, xs):
+        i, images_i, eps_i, eps0_i, *per_example_i = xs
+        noise_i = (t, s, eps_i, eps0_i, jax.random.fold_in(k_drop, i))
+        scale = lambda v: jnp.sum(v) / batch  # sums over micro-batches to the batch mean
+        (loss_i, bpd_i), (g_den, c_t, c_dt, c_s, c_0, c_1) = grad_fn(
+            den_params, *per_example_i, g_0, g_1, images_i, noise_i, scale
+        )
+        carry = jax.tree.map(jnp.add, carry, (loss_i, g_den, c_0, c_1))
+        return carry, (bpd_i, c_t, c_dt, c_s)
+
+    zero = jnp.zeros((), jnp.float32)
+    init = (
+        zero,
+        jax.tree.map(jnp.zeros_like, den_params),
+        jnp.zeros_like(g_0),
+        jnp.zeros_like(g_1),
+    )
+    (loss, g_den, c_0, c_1), ys = jax.lax.scan(body, init, xs)
+    bpd, c_t, c_dt, c_s = jax.tree.map(_unsplit, ys)
+    return (loss, bpd), (g_den, c_t, c_dt, c_s, c_0, c_1)
+
+
 def loss_and_grads(
-    params: VDMParams, images: jax.Array, key: jax.Array, *, train: bool = True
+    params: VDMParams,
+    images: jax.Array,
+    key: jax.Array,
+    *,
+    train: bool = True,
+    micro_batches: int = 1,
 ) -> tuple[jax.Array, dict[str, jax.Array], VDMParams]:
     """The mean bound (bpd) over the batch, metrics, and the gradients used to train.
 
@@ -338,26 +406,34 @@ def loss_and_grads(
     since ``E[L]`` is then fixed, minimising ``E[L^2]`` is minimising ``Var[L]``. In discrete time
     the bound does depend on the interior, so there every schedule parameter follows the bound.
 
+    Gradient accumulation: with ``micro_batches = k > 1`` the denoiser runs on ``B / k`` examples
+    at a time (:func:`_bound_grads`). The times (stratified over the whole batch), the noise and
+    the schedule's values are drawn for the whole batch first, so the result is the whole batch's,
+    up to the order of floating-point sums (and dropout masks, drawn per micro-batch).
+
     Returns:
       ``(loss, metrics, grads)`` where ``grads`` has the structure of ``params``.
     """
     model = params.model
     _check_images(model, images)
+    if images.shape[0] % micro_batches:
+        raise ValueError(
+            f"a batch of {images.shape[0]} images does not split into {micro_batches=}"
+        )
     T = model.timesteps
     noise = _noise(model, key, images, T)
     sched_values = _schedule_values(model, T, noise[0], noise[1])
     (g_t, dg_t, g_s, g_0, g_1), sched_vjp = jax.vjp(sched_values, params.schedule)
-
-    def objective(den_params, g_t, dg_t, g_s, g_0, g_1):
-        terms = _bound_terms(
-            model, den_params, images, g_t, dg_t, g_s, g_0, g_1, noise, train=train, timesteps=T
-        )
-        bpd = _to_bpd(model, terms)
-        return jnp.mean(bpd["bpd"]), bpd
-
-    grad_fn = jax.value_and_grad(objective, argnums=(0, 1, 2, 3, 4, 5), has_aux=True)
-    (loss, bpd), (g_den, c_t, c_dt, c_s, c_0, c_1) = grad_fn(
-        params.denoiser, g_t, dg_t, g_s, g_0, g_1
+    (loss, bpd), (g_den, c_t, c_dt, c_s, c_0, c_1) = _bound_grads(
+        model,
+        params.denoiser,
+        images,
+        (g_t, dg_t, g_s),
+        g_0,
+        g_1,
+        noise,
+        train=train,
+        k=micro_batches,
     )
     (g_sched,) = sched_vjp((c_t, c_dt, c_s, c_0, c_1))
     if T == 0 and model.use_variance_gradient:

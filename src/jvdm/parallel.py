@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jvdm.errors import JvdmUserError
+
 __all__ = [
     "DATA_AXIS",
     "batch_sharding",
@@ -116,13 +118,22 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
-    """Raises ``ValueError`` unless the global batch divides evenly among the mesh's devices."""
+def check_batch_size(global_batch_size: int, mesh: Mesh, *, grad_accum_steps: int = 1) -> None:
+    """Raises ``ValueError`` unless the global batch divides evenly among the mesh's devices, and
+    each device's share into ``grad_accum_steps`` micro-batches."""
     n = mesh.devices.size
     if global_batch_size % n:
         raise ValueError(
             f"the global batch size must divide by the number of devices: "
             f"{global_batch_size=} is not a multiple of {n} devices"
+        )
+    per_device = global_batch_size // n
+    if per_device % grad_accum_steps:
+        divisors = [k for k in range(1, per_device + 1) if per_device % k == 0]
+        raise JvdmUserError(
+            f"config.train.grad_accum_steps={grad_accum_steps} must divide the per-device batch "
+            f"of {per_device} images (train.batch_size={global_batch_size} over {n} devices): "
+            f"use one of {divisors}, or change train.batch_size"
         )
 
 

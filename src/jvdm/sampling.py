@@ -33,7 +33,9 @@ program serves every chunk), each sharded over the local devices on the batch ax
 at least one image per device (rounded up to a multiple of the device count).
 
 The final decode *samples* from ``p(x | z_0)`` (the model's distribution, so that sample statistics
-are the model's); at VDM's ``gamma(0) ~ -13`` that distribution is nearly a point mass anyway.
+are the model's); at VDM's ``gamma(0) ~ -13`` that distribution is nearly a point mass anyway. It
+is drawn by the inverse CDF within the likelihood's proven 17-value window
+(:mod:`jvdm.decoder`), in memory of the data's size.
 
 References:
   Kingma et al., *Variational Diffusion Models* (arXiv 2107.00630), appendix A.4 (ancestral step).
@@ -53,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jvdm import losses
+from jvdm import decoder
 from jvdm import model as model_lib
 
 __all__ = [
@@ -266,15 +268,19 @@ def _run_chain(params, keys, eta, *, steps, sampler):
 
 
 def _decode(params, z_0, keys, steps):
-    """Samples ``x ~ p(x | z_0)`` from the decoder at ``gamma(0)``: uint8 ``[B, H, W, C]``."""
+    """Samples ``x ~ p(x | z_0)`` from the decoder at ``gamma(0)``: uint8 ``[B, H, W, C]``.
+
+    By the inverse CDF within the likelihood's proven window (:func:`jvdm.decoder.decoder_sample`):
+    memory of the data's size, never the ``[B, H, W, C, 256]`` probabilities.
+    """
     model = params.model
     g_0 = model_lib.gamma(params, jnp.zeros((), jnp.float32))
-    log_probs = losses.decoder_log_probs(z_0, g_0, model.vocab_size)
 
-    def one(k, lp):
-        return jax.random.categorical(jax.random.fold_in(k, steps + 1), lp, axis=-1)
+    def one(k):
+        return jax.random.uniform(jax.random.fold_in(k, steps + 1), model.image_shape)
 
-    return jax.vmap(one)(keys, log_probs).astype(jnp.uint8)
+    u = jax.vmap(one)(keys)
+    return decoder.decoder_sample(u, z_0, g_0, model.vocab_size).astype(jnp.uint8)
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "sampler", "decode", "sharding"))

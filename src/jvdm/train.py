@@ -93,6 +93,21 @@ def _check_streak(host_metrics: list[dict], done: int, limit: int, manager) -> N
             )
 
 
+def _preflight(state, batch, train_key, grad_accum_steps, writer, step, mesh) -> None:
+    """Compiles the step (the loop's calls then reuse it), prints and logs its parameters, FLOPs
+    and memory per device, and raises :class:`jvdm.preflight.StepMemoryError` if a device that
+    reports its memory cannot hold it: before any training time is spent."""
+    from jvdm import preflight
+
+    lowered = train_step.lower(state, batch, train_key, grad_accum_steps=grad_accum_steps)
+    costs = preflight.step_costs(lowered.compile(), state.params)
+    if jax.process_index() == 0:
+        print(preflight.summary_line(costs), flush=True)
+    writer.write(step, {f"setup/{k}": v for k, v in costs.items()})
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    preflight.check_fits(costs, local[0], grad_accum_steps=grad_accum_steps)
+
+
 # --------------------------------------------------------------------------------------------
 # Stopping on a signal.
 
@@ -187,7 +202,7 @@ def train_and_evaluate(
     config = config_lib.validate(config)
     t = config.train
     mesh = parallel.make_mesh() if mesh is None else mesh
-    parallel.check_batch_size(t.batch_size, mesh)
+    parallel.check_batch_size(t.batch_size, mesh, grad_accum_steps=t.grad_accum_steps)
     workdir = os.path.abspath(workdir)
     workdir_lib.check_writable(workdir)  # before anything slow: a bad path fails in a second
     image_shape, _ = data_lib.dataset_info(config.data.name, data_dir=config.data.data_dir)
@@ -322,9 +337,13 @@ def _loop(config, state, mesh, manager, writer, workdir, start, model, train_key
             if done == start:
                 _check_batch(local, model, config.data.name)
             batch = {"image": parallel.shard_batch(local["image"], mesh)}
+            if done == start:  # compiles the step: its costs are known before it first runs
+                _preflight(state, batch, train_key, t.grad_accum_steps, writer, start, mesh)
             # The step must not move data implicitly: state, batch and key are already on the mesh.
             with jax.transfer_guard("disallow"):
-                state, metrics = train_step(state, batch, train_key)
+                state, metrics = train_step(
+                    state, batch, train_key, grad_accum_steps=t.grad_accum_steps
+                )
             done += 1
             pending.append(metrics)
             n_log += 1

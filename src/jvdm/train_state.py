@@ -221,7 +221,7 @@ def ema_decay_at(applied: jax.Array, ema_decay: float) -> jax.Array:
 
 
 def _train_step(
-    state: TrainState, batch: dict[str, jax.Array], key: jax.Array
+    state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *, grad_accum_steps: int = 1
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step: ``(state, batch, key) -> (state, metrics)``.
 
@@ -232,10 +232,15 @@ def _train_step(
     AdamW, and the EMA follows with ``optax.incremental_update``. A step whose loss, gradients or
     update are not finite changes nothing but ``step`` and the skip counters.
 
+    With ``grad_accum_steps = k`` the gradients are accumulated over ``k`` micro-batches of
+    ``B / k`` images inside this one program (``lax.scan``), then applied once: the update of the
+    whole batch ``B`` (same times and noise) in the memory of ``B / k``.
+
     Args:
       state: the :class:`TrainState`, replicated over the mesh.
       batch: ``{'image': uint8 [B, H, W, C]}``, sharded along ``'data'``.
       key: the run's training key (replicated); never split by the caller.
+      grad_accum_steps: micro-batches per step (static); must divide the per-device batch.
 
     Returns:
       the new state and scalar metrics: ``bpd``, ``recon_bpd``, ``prior_bpd``,
@@ -245,7 +250,7 @@ def _train_step(
     """
     step_key = jax.random.fold_in(key, state.step)
     loss, terms, grads = model_lib.loss_and_grads(
-        state.params, batch["image"], step_key, train=True
+        state.params, batch["image"], step_key, train=True, micro_batches=grad_accum_steps
     )
     grad_norm = optax.tree.norm(grads)
     applied = state.step - state.skipped_total  # updates applied so far (optax's own count)
@@ -292,4 +297,4 @@ def _train_step(
     return new_state, metrics
 
 
-train_step = jax.jit(_train_step, donate_argnums=0)
+train_step = jax.jit(_train_step, donate_argnums=0, static_argnames="grad_accum_steps")
