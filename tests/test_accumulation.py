@@ -131,6 +131,7 @@ def test_resume_mid_run_with_accumulation_is_bit_identical(tmp_path):
         "train.checkpoint_every=4",
         "train.log_every=1",
         "train.use_final_eval=False",
+        "train.eval_every=1000",
     )
     straight = train_lib.train(config, str(tmp_path / "straight"))
 
