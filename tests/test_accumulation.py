@@ -2,8 +2,8 @@
 
 The whole batch's times (stratified over all of it), noise and schedule values are drawn once and
 split into strided micro-batches, so the accumulated gradient is the whole batch's up to the order
-of floating-point sums. Measured on the tiny model below (float32, batch 16): loss and metrics
-within 2e-7 bpd, gradients within a relative norm error of ~1e-7 (k = 2 and 4).
+of floating-point sums. Measured on the tiny model below (float32, batch 16, continuous time,
+k = 2): loss within 1.9e-6 bpd, max |gradient difference| 6.0e-6, relative norm error 2.8e-6.
 """
 
 import os
@@ -24,7 +24,7 @@ from jvdm.errors import JvdmUserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["model.channel_mult=(1,)", "model.attention_resolutions=()"]
-GRAD_REL_TOL = 1e-5  # float32 sums in another order: ~1e-7 measured, 100x headroom
+GRAD_REL_TOL = 1e-5  # float32 sums in another order: 2.8e-6 measured
 BPD_ATOL = 1e-5
 
 
@@ -55,7 +55,7 @@ def images():
 
 
 @pytest.mark.parametrize(
-    ("timesteps", "ks"), [(0, (2, 4)), (10, (4,))], ids=["continuous", "discrete"]
+    ("timesteps", "ks"), [(0, (2, 4)), (10, (2,))], ids=["continuous", "discrete"]
 )
 def test_micro_batches_equal_the_whole_batch(images, timesteps, ks):
     """Loss, metrics and gradients of k micro-batches equal those of the batch of 16 in one piece:
@@ -117,7 +117,7 @@ def test_grad_accum_must_divide_the_per_device_batch(tmp_path):
     ):
         parallel.check_batch_size(8, mesh, grad_accum_steps=4)
     with pytest.raises(JvdmUserError, match="grad_accum_steps=3"):
-        train_lib.train(tiny("train.grad_accum_steps=3"), str(tmp_path / "run"))
+        train_lib.train_and_evaluate(tiny("train.grad_accum_steps=3"), str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
     with pytest.raises(ValueError, match="train.grad_accum_steps=0"):
         config_lib.validate(tiny("train.grad_accum_steps=0"))
@@ -133,15 +133,15 @@ def test_resume_mid_run_with_accumulation_is_bit_identical(tmp_path):
         "train.use_final_eval=False",
         "train.eval_every=1000",
     )
-    straight = train_lib.train(config, str(tmp_path / "straight"))
+    straight = train_lib.train_and_evaluate(config, str(tmp_path / "straight"))
 
     def preempt(step, state):
         if step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    stopped = train_lib.train(config, str(tmp_path / "resumed"), step_callback=preempt)
+    stopped = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"), step_callback=preempt)
     assert stopped["stopped_early"] and stopped["step"] == 3
-    resumed = train_lib.train(config, str(tmp_path / "resumed"))
+    resumed = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
     assert resumed["step"] == straight["step"] == 6
     from jvdm import checkpoint as ckpt
 

@@ -44,7 +44,9 @@ def test_a_step_that_cannot_fit_fails_before_the_first_step(tmp_path, monkeypatc
     steps = []
     workdir = str(tmp_path / "run")
     with pytest.raises(preflight.StepMemoryError) as info:
-        train_lib.train(config, workdir, step_callback=lambda step, state: steps.append(step))
+        train_lib.train_and_evaluate(
+            config, workdir, step_callback=lambda step, state: steps.append(step)
+        )
     message = str(info.value)
     assert "\n" not in message and "GiB per device" in message
     for hint in ("train.grad_accum_steps (now 1)", "use_remat=True", "dtype='bfloat16'"):

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jvdm import losses
+from jvdm import accumulate, losses
 from jvdm.config import PREDICTIONS
 from jvdm.nn import gamma as gamma_lib
 
@@ -320,21 +320,6 @@ def is_endpoint(path) -> bool:
     return any(getattr(p, "key", None) in ENDPOINT_NAMES for p in path)
 
 
-def _split(x: jax.Array, k: int) -> jax.Array:
-    """``[B, ...] -> [k, B / k, ...]``, micro-batch ``i`` taking rows ``i, i + k, i + 2k, ...``.
-
-    Strided, not contiguous: with the batch sharded in contiguous blocks over devices, every
-    micro-batch then takes ``B / (k n)`` rows from each of the ``n`` devices (which needs ``k`` to
-    divide the per-device batch), so no device idles and no data moves.
-    """
-    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
-
-
-def _unsplit(x: jax.Array) -> jax.Array:
-    """The inverse of :func:`_split`: ``[k, B / k, ...] -> [B, ...]`` in the original order."""
-    return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
-
-
 def _bound_grads(model: VDM, den_params, images, per_example, g_0, g_1, noise, *, train, k):
     """``((mean bpd, per-example bpd terms), cotangents)`` of the bound, in ``k`` micro-batches.
 
@@ -358,28 +343,20 @@ def _bound_grads(model: VDM, den_params, images, per_example, g_0, g_1, noise, *
         return grad_fn(den_params, *per_example, g_0, g_1, images, noise, jnp.mean)
     t, s, eps, eps0, k_drop = noise
     batch = images.shape[0]
-    xs = (jnp.arange(k), _split(images, k), _split(eps, k), _split(eps0, k))
-    xs = xs + tuple(_split(v, k) for v in per_example)
+    scale = lambda v: jnp.sum(v) / batch  # sums over the micro-batches to the batch's mean
 
-    def body(carry, xs):
-        i, images_i, eps_i, eps0_i, *per_example_i = xs
+    def micro(i, xs):
+        images_i, eps_i, eps0_i, per_example_i = xs
         noise_i = (t, s, eps_i, eps0_i, jax.random.fold_in(k_drop, i))
-        scale = lambda v: jnp.sum(v) / batch  # sums over micro-batches to the batch mean
         (loss_i, bpd_i), (g_den, c_t, c_dt, c_s, c_0, c_1) = grad_fn(
             den_params, *per_example_i, g_0, g_1, images_i, noise_i, scale
         )
-        carry = jax.tree.map(jnp.add, carry, (loss_i, g_den, c_0, c_1))
-        return carry, (bpd_i, c_t, c_dt, c_s)
+        return (loss_i, g_den, c_0, c_1), (bpd_i, c_t, c_dt, c_s)
 
-    zero = jnp.zeros((), jnp.float32)
-    init = (
-        zero,
-        jax.tree.map(jnp.zeros_like, den_params),
-        jnp.zeros_like(g_0),
-        jnp.zeros_like(g_1),
+    summed_like = (jnp.zeros((), jnp.float32), den_params, g_0, g_1)
+    (loss, g_den, c_0, c_1), (bpd, c_t, c_dt, c_s) = accumulate.scan_micro_batches(
+        micro, (images, eps, eps0, tuple(per_example)), k, summed_like
     )
-    (loss, g_den, c_0, c_1), ys = jax.lax.scan(body, init, xs)
-    bpd, c_t, c_dt, c_s = jax.tree.map(_unsplit, ys)
     return (loss, bpd), (g_den, c_t, c_dt, c_s, c_0, c_1)
 
 
