@@ -163,3 +163,16 @@ def test_eval_ode_prints_elbo_and_ode_side_by_side(tmp_path, capsys):
     assert result["split"] == "test[:4]" and result["ode_probes"] == 2
     assert np.isfinite(result["ode_bpd_mean"]) and result["ode_nfe_mean"] > 6
     assert result["summary"].startswith("ELBO ") and "| ODE " in result["summary"]
+
+
+@pytest.mark.slow
+def test_score_a_saved_run(tmp_path, capsys):
+    from test_evaluate import write_run
+
+    write_run(str(tmp_path), steps=(1,))
+    argv = ["score", "--workdir", str(tmp_path), "--n", "8", "--sampler", "ddim", "--steps", "3"]
+    assert cli.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 8 and result["steps"] == 3 and result["sampler"] == "ddim"
+    assert set(result["samples"]) == set(result["real_train"]) >= {"fd", "kid", "precision"}
+    assert 0.5 < result["classifier_test_accuracy"] <= 1.0

@@ -46,7 +46,10 @@ _SOURCES: dict[str, str] = {
     # sampling and likelihood
     "bpd": "jvdm.evaluate",
     "load": "jvdm.evaluate",
+    "ode_bpd": "jvdm.ode",
+    "ode_log_likelihood": "jvdm.ode",
     "sample": "jvdm.sampling",
+    "sample_quality": "jvdm.quality",
     # training
     "TrainState": "jvdm.train_state",
     "create_train_state": "jvdm.train_state",

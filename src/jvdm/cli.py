@@ -54,7 +54,7 @@ def _positive_int(text: str) -> int:
 def _build_parser() -> _Parser:
     parser = _Parser(prog="jvdm", description="Variational Diffusion Models in JAX/Flax.")
     sub = parser.add_subparsers(
-        dest="command", metavar="{train,sample,eval,data}", parser_class=_Parser
+        dest="command", metavar="{train,sample,eval,score,data}", parser_class=_Parser
     )
 
     p = sub.add_parser(
@@ -100,6 +100,14 @@ def _build_parser() -> _Parser:
     p.add_argument("--rtol", type=float, default=1e-5, help="ODE solver rtol (--ode)")
     p.add_argument("--atol", type=float, default=1e-5, help="ODE solver atol (--ode)")
     p.add_argument("--dequantization", default="truncated_normal", help="or uniform (--ode)")
+
+    p = sub.add_parser("score", help="sample quality in the features of a dataset classifier")
+    p.add_argument("--workdir", required=True, help="run directory or one checkpoint directory")
+    p.add_argument("--n", type=_positive_int, default=256, help="number of samples (default 256)")
+    p.add_argument("--sampler", default="ancestral", help="ancestral | ddim | dpm_solver")
+    p.add_argument("--steps", type=_positive_int, default=None, help="sampling steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None, help="tfds data dir (default: the config's)")
 
     _add_data_parser(sub)
     return parser
@@ -235,26 +243,21 @@ def _cmd_eval(args) -> int:
     if args.ode:
         from jvdm import ode
 
-        kw = {"probes": args.probes, "rtol": args.rtol, "atol": args.atol}
-        result.update(
-            ode.evaluate_split_ode(
-                params,
-                dataset=config.data.name,
-                split=split,
-                key=jax.random.fold_in(jax.random.key(args.seed), 1),
-                data_dir=args.data_dir or config.data.data_dir,
-                dequantization=args.dequantization,
-                batch_size=args.batch_size,
-                **kw,
-            )
-        )
-        result["summary"] = (
-            f"ELBO {result['bpd_mean']:.4f} ± {result['bpd_sem']:.4f} bpd | ODE "
-            f"{result['ode_bpd_mean']:.4f} ± {result['ode_bpd_sem']:.4f} bpd (mean ± SEM over "
-            f"{result['ode_num_images']} images; {args.probes} probes, "
-            f"{result['ode_nfe_mean']:.0f} evaluations, {result['ode_seconds']:.1f} s)"
-        )
+        opts = {k: getattr(args, k) for k in ("probes", "rtol", "atol", "dequantization")}
+        opts.update(split=split, key=jax.random.fold_in(jax.random.key(args.seed), 1))
+        kw = {"batch_size": args.batch_size, "data_dir": args.data_dir or config.data.data_dir}
+        result.update(ode.evaluate_split_ode(params, dataset=config.data.name, **kw, **opts))
+        result["summary"] = ode.side_by_side(result)
     print(json.dumps(result, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _cmd_score(args) -> int:
+    _configure_runtime()
+    from jvdm import quality
+
+    opts = {k: getattr(args, k) for k in ("n", "sampler", "steps", "seed", "data_dir")}
+    print(json.dumps(quality.score_run(args.workdir, **opts), indent=2, ensure_ascii=False))
     return 0
 
 
@@ -337,7 +340,9 @@ def _run(argv: Sequence[str]) -> int:
     parser = _build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
-        raise UsageError("missing command: one of train, sample, eval, data (see `jvdm --help`)")
+        raise UsageError(
+            "missing command: one of train, sample, eval, score, data (see `jvdm --help`)"
+        )
     if args.command != "train" and extra:
         raise UsageError(
             f"unrecognised arguments: {' '.join(extra)} (see `jvdm {args.command} --help`)"
@@ -348,6 +353,8 @@ def _run(argv: Sequence[str]) -> int:
         return _cmd_sample(args)
     if args.command == "eval":
         return _cmd_eval(args)
+    if args.command == "score":
+        return _cmd_score(args)
     return _cmd_data(args)
 
 

@@ -93,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.sampler = "ancestral"
     c.eval.sample_steps = 250
     c.eval.final_draws = 4
+    # Score each evaluation's samples in a dataset classifier's features (jvdm.quality; the
+    # classifier is trained once per dataset and cached in the data directory).
+    c.eval.use_quality = True
 
     c.lock()
     return c

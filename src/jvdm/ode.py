@@ -308,3 +308,13 @@ def evaluate_split_ode(
         "ode_seconds": seconds,
         **{f"ode_{k}": v for k, v in kwargs.items()},
     }
+
+
+def side_by_side(result: dict) -> str:
+    """One line: the ELBO and the ODE bpd of :func:`evaluate_split_ode`, with standard errors."""
+    return (
+        f"ELBO {result['bpd_mean']:.4f} ± {result['bpd_sem']:.4f} bpd | ODE "
+        f"{result['ode_bpd_mean']:.4f} ± {result['ode_bpd_sem']:.4f} bpd (mean ± SEM over "
+        f"{result['ode_num_images']} images; {result.get('ode_probes')} probes, "
+        f"{result['ode_nfe_mean']:.0f} evaluations, {result['ode_seconds']:.1f} s)"
+    )

@@ -264,7 +264,7 @@ def _train(config, workdir, mesh, step_callback, is_main) -> dict[str, Any]:
         final = train_log.evaluate_and_save(
             config, state, workdir, done, draws=config.eval.final_draws, key=eval_key
         )
-        writer.write(done, {f"eval/{k}": final[k] for k in ("bpd_mean", "bpd_sem")})
+        writer.write(done, train_log.eval_scalars(final))
         summary.update(final, metrics_plot=train_log.plot_curves(workdir))
         if is_main:
             print(
@@ -274,6 +274,13 @@ def _train(config, workdir, mesh, step_callback, is_main) -> dict[str, Any]:
                 f"  samples:    {final['samples']}\n  gamma(t):   {final['gamma_plot']}\n"
                 f"  bpd curves: {summary['metrics_plot']}\n  checkpoint: {summary['checkpoint']}"
             )
+            if "quality" in final:
+                from jvdm import quality
+
+                print(
+                    "sample quality in the dataset classifier's features, against the test split:"
+                )
+                print(quality.format_table(final["quality"]))
         return summary
     finally:
         if writer is not None:
@@ -381,6 +388,6 @@ def _loop(config, state, mesh, manager, writer, workdir, start, model, train_key
                 result = train_log.evaluate_and_save(
                     config, state, workdir, done, draws=draws, key=eval_key
                 )
-                writer.write(done, {f"eval/{k}": result[k] for k in ("bpd_mean", "bpd_sem")})
+                writer.write(done, train_log.eval_scalars(result))
                 train_log.plot_curves(workdir)
     return state, done, stopped, logged

@@ -15,7 +15,14 @@ import numpy as np
 
 from jvdm import parallel
 
-__all__ = ["METRICS_FILE", "MetricsWriter", "evaluate_and_save", "plot_curves", "summarise"]
+__all__ = [
+    "METRICS_FILE",
+    "MetricsWriter",
+    "eval_scalars",
+    "evaluate_and_save",
+    "plot_curves",
+    "summarise",
+]
 
 METRICS_FILE = "metrics.jsonl"
 # Metrics that are counters (report the last value of an interval, not the mean).
@@ -121,10 +128,33 @@ def evaluate_and_save(config, state, workdir: str, step: int, *, draws: int, key
         "samples": os.path.join(workdir, f"samples_{step:07d}.png"),
         "gamma_plot": os.path.join(workdir, f"gamma_{step:07d}.png"),
     }
+    if config.eval.use_quality:
+        paths.update(_quality(config, images))
     if jax.process_index() == 0:
         viz.save_image_grid(images, paths["samples"])
         viz.plot_gamma(params, paths["gamma_plot"])
     return {**result, **paths}
+
+
+def _quality(config, images) -> dict:
+    from jvdm import quality
+    from jvdm.errors import JvdmUserError
+
+    try:
+        scores = quality.sample_quality(
+            images, dataset=config.data.name, data_dir=config.data.data_dir
+        )
+    except JvdmUserError as err:  # e.g. a dataset without labels: training goes on
+        return {"quality_skipped": str(err)}
+    return {"quality": scores}
+
+
+def eval_scalars(result: dict) -> dict[str, float]:
+    """The scalars of an evaluation to log: the bound, and the sample scores if computed."""
+    out = {f"eval/{k}": result[k] for k in ("bpd_mean", "bpd_sem")}
+    scores = result.get("quality", {}).get("samples", {})
+    out.update({f"quality/{k}": v for k, v in scores.items()})
+    return out
 
 
 def plot_curves(workdir: str) -> str:
