@@ -161,10 +161,16 @@ def test_end_to_end_bpd_falls_and_outputs_are_written(runs):
     assert saved["train"]["steps"] == STEPS and saved["model"]["channel_mult"] == [1]
     evals = [r for r in read_metrics(workdir) if "eval/bpd_mean" in r]
     assert [r["step"] for r in evals] == [10, STEPS]
+    quality = {f"quality/{k}": v for k, v in result["quality"]["samples"].items()}
     assert evals[-1] == {
         "step": STEPS,
         "eval/bpd_mean": result["bpd_mean"],
         "eval/bpd_sem": result["bpd_sem"],
+        **quality,  # the final samples scored in the digits classifier's features
+    }
+    assert set(quality) == {f"quality/{k}" for k in ("fd", "kid", "precision", "recall")} | {
+        "quality/confidence",
+        "quality/label_entropy",
     }
     for name in ("samples_0000010.png", "gamma_0000010.png", "bpd.png"):
         assert os.path.isfile(os.path.join(workdir, name))
