@@ -299,3 +299,73 @@ def test_image_folder_becomes_a_dataset(tmp_path, capsys):
     for bad in (["--size", "8"], ["--test-fraction", "1.5"]):
         assert cli.main(["data", "prepare", "cifar10", "--images", str(root), *bad]) == 2
     assert cli.main(["data", "prepare", "Bad-Name", "--images", str(root)]) == 2
+
+
+def test_download_from_a_local_mirror_is_verified(tmp_path, monkeypatch, capsys):
+    """The download path end to end against an HTTP server on 127.0.0.1 serving synthetic files:
+    they differ from the published ones, so they are refused (and deleted), or with
+    --skip-checksum used, and then read back."""
+    import functools
+    import http.server
+    import threading
+
+    content = sa.write_mnist(tmp_path / "served")
+    handler = functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "served")
+    )
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("JVDM_DATA_MIRROR", f"http://127.0.0.1:{server.server_port}")
+        dd = tmp_path / "dd"
+        with pytest.raises(datasets.ArchiveError, match="9912422.*--skip-checksum"):
+            datasets.prepare("mnist", dd)
+        assert not list((dd / "downloads").iterdir())  # the bad download is not kept
+        datasets.prepare("mnist", dd, skip_checksum=True)
+    finally:
+        server.shutdown()
+        thread.join()
+    served = sorted(p.name for p in (tmp_path / "served").iterdir())
+    assert sorted(p.name for p in (dd / "downloads").iterdir()) == served
+    _assert_holds("mnist", dd, content)
+
+
+def test_sha256_check_against_an_independent_digest(tmp_path):
+    from jvdm.datasets import catalog, download
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(np.random.default_rng(0).bytes(3 << 20))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    good = catalog.RemoteFile("f.bin", "http://x/f.bin", 3 << 20, digest, "f")
+    assert download.mismatch(path, good) is None
+    bad_sha = catalog.RemoteFile("f.bin", "http://x/f.bin", 3 << 20, "0" * 64, "f")
+    assert f"has sha256 {digest}" in download.mismatch(path, bad_sha)
+    bad_size = catalog.RemoteFile("f.bin", "http://x/f.bin", 5, digest, "f")
+    assert "has 3145728 bytes" in download.mismatch(path, bad_size)
+
+
+def test_catalog_checksums_are_the_ones_tfds_publishes():
+    """Every size and sha256 in the catalogue equals the checksum files of the installed
+    tensorflow-datasets (read here as text, independently of the catalogue)."""
+    import importlib.util
+
+    from jvdm.datasets import catalog
+
+    root = Path(importlib.util.find_spec("tensorflow_datasets").submodule_search_locations[0])
+    published = {}
+    for path in [
+        root / "url_checksums" / "mnist.txt",
+        root / "url_checksums" / "cifar10.txt",
+        root / "datasets" / "downsampled_imagenet" / "checksums.tsv",
+        root / "datasets" / "imagenet_resized" / "checksums.tsv",
+    ]:
+        for line in path.read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                url, size, sha256 = line.split("\t")[:3]
+                published[url.rsplit("/", 1)[-1]] = (int(size), sha256)
+    files = [f for spec in catalog.STANDARD.values() for f in spec.all_files()]
+    assert len(files) == 4 + 1 + 4 + 5
+    for f in files:
+        assert published[f.name] == (f.size, f.sha256), f.name

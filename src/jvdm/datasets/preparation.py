@@ -7,6 +7,7 @@ and the next one starts afresh.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -23,26 +24,29 @@ def _warn(message: str) -> None:
     print(f"jvdm: warning: {message}", file=sys.stderr)
 
 
-def _build(name: str, data_dir: Path, meta: dict[str, Any], **kwargs) -> tuple[Path, dict]:
-    """Builds in staging and commits; returns ``(version dir, {split: num_examples})``."""
+def _build(
+    name: str,
+    data_dir: Path,
+    meta: dict[str, Any],
+    check: Callable[[dict[str, int]], None],
+    **kwargs,
+) -> Path:
+    """Builds in staging, lets ``check({split: num_examples})`` veto it, commits; returns the
+    version dir."""
     from jvdm.datasets import builders  # Deferred: imports tfds.
 
     start = time.perf_counter()
     with store.staging(data_dir, name) as tmp:
         staged = builders.build(name, tmp, **kwargs)
-        counts = {s: int(v["num_examples"]) for s, v in _split_counts(staged).items()}
-        check = meta.pop("_check", None)
-        if check is not None:
-            check(counts)
+        counts = _split_counts(staged)
+        check(counts)
         meta = {**meta, "name": name, "splits": counts, "prepare_s": time.perf_counter() - start}
-        return store.commit(staged, data_dir, name, meta), counts
+        return store.commit(staged, data_dir, name, meta)
 
 
-def _split_counts(version_dir: Path) -> dict[str, dict[str, Any]]:
-    import json
-
+def _split_counts(version_dir: Path) -> dict[str, int]:
     info = json.loads((version_dir / "dataset_info.json").read_text())
-    return {s["name"]: {"num_examples": sum(map(int, s["shardLengths"]))} for s in info["splits"]}
+    return {s["name"]: sum(map(int, s["shardLengths"])) for s in info["splits"]}
 
 
 def _local_splits(name: str):
@@ -84,7 +88,7 @@ def prepare_builtin(
             shape, note = catalog.LOCAL[name]
             meta = {"kind": "local", "shape": list(shape)}
             kwargs = dict(shape=shape, classes=10, splits=_local_splits(name), description=note)
-            return _build(name, data_dir, meta, **kwargs)[0]
+            return _build(name, data_dir, meta, lambda counts: None, **kwargs)
         spec = catalog.STANDARD[name]
         paths, verified = sources.locate(
             name, spec, data_dir, source=source, skip_checksum=skip_checksum, warn=warn
@@ -96,10 +100,10 @@ def prepare_builtin(
             "shape": list(spec.shape),
             "sources": {k: str(p) for k, p in paths.items()},
             "verified_sha256": verified,
-            "_check": _size_check(name, spec, verified, warn),
         }
+        check = _size_check(name, spec, verified, warn)
         kwargs = dict(shape=spec.shape, classes=spec.num_classes, splits=splits)
-        return _build(name, data_dir, meta, description=spec.note, **kwargs)[0]
+        return _build(name, data_dir, meta, check, description=spec.note, **kwargs)
 
 
 def prepare_images(
@@ -135,13 +139,13 @@ def prepare_images(
             "shape": list(p.shape),
             "classes": p.classes,
             "source": str(images),
-            "skipped": p.skipped,
-            "_check": check,
+            "skipped": p.skipped,  # filled in while the splits are generated
         }
-        found, _ = _build(
+        found = _build(
             name,
             data_dir,
             meta,
+            check,
             shape=p.shape,
             classes=p.classes or 0,
             splits=p.splits,
