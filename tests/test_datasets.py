@@ -75,7 +75,7 @@ def test_original_layout_is_read_back_exactly(tmp_path, name, capsys):
     datasets.prepare(name, tmp_path / "dd", source=tmp_path / "src", skip_checksum=True)
     elapsed = time.perf_counter() - start
     assert "unverified (--skip-checksum)" in capsys.readouterr().err
-    with capsys.disabled():  # shown with `pytest -s`
+    with capsys.disabled():  # the preparation time, in the test log
         print(f"\n{name}: prepared in {elapsed:.2f} s")
     _assert_holds(name, tmp_path / "dd", content)
     assert (name, True, datasets.image_shape(name)) in datasets.list_datasets(tmp_path / "dd")
@@ -97,6 +97,11 @@ def test_unpacked_folders_are_read_too(tmp_path):
 def test_prepare_and_read_never_import_tensorflow(tmp_path):
     for name in ALL:
         _write(name, tmp_path / name)
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(4):
+        Image.new("RGB", (40 + i, 33)).save(tmp_path / "imgs" / f"{i}.png")
     script = textwrap.dedent(
         f"""
         import sys
@@ -108,6 +113,8 @@ def test_prepare_and_read_never_import_tensorflow(tmp_path):
             loader = data.make_eval_loader(name, split=split, batch_size=4,
                                            data_dir={str(tmp_path)!r} + "/dd")
             assert next(iter(loader))["image"].dtype.name == "uint8"
+        datasets.prepare_images("mine", {str(tmp_path)!r} + "/imgs", {str(tmp_path)!r} + "/dd")
+        assert len(data.load_split_array("mine", "train", {str(tmp_path)!r} + "/dd")) == 3
         assert "tensorflow" not in sys.modules, "tensorflow was imported"
         """
     )
@@ -369,3 +376,29 @@ def test_catalog_checksums_are_the_ones_tfds_publishes():
     assert len(files) == 4 + 1 + 4 + 5
     for f in files:
         assert published[f.name] == (f.size, f.sha256), f.name
+
+
+def test_grey_and_palette_pngs_become_rgb_and_other_shapes_are_refused():
+    import io
+
+    from PIL import Image
+
+    from jvdm.datasets import formats
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (32, 32), dtype=np.uint8)
+    palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    pal_image = Image.frombytes("P", (32, 32), grey.tobytes())
+    pal_image.putpalette(palette.tobytes())
+    for im, expected in (
+        (Image.fromarray(grey), np.repeat(grey[..., None], 3, axis=2)),
+        (pal_image, palette[grey]),
+    ):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        image = formats._decode_png(buf.getvalue(), "x.png", Path("t.tar"), (32, 32, 3), "")
+        np.testing.assert_array_equal(image, expected)
+    buf = io.BytesIO()
+    Image.fromarray(grey[:16]).save(buf, format="PNG")
+    with pytest.raises(datasets.ArchiveError, match=r"x.png in t.tar is uint8 \(16, 32, 3\)"):
+        formats._decode_png(buf.getvalue(), "x.png", Path("t.tar"), (32, 32, 3), "")

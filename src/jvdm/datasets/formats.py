@@ -114,7 +114,8 @@ def _decode_png(content: bytes, name: str, path: Path, shape: tuple, hint: str) 
 
     try:
         with Image.open(io.BytesIO(content)) as im:
-            image = np.asarray(im)  # decodes here, inside the try
+            # A grey or palette PNG among the colour ones holds the same pixels as RGB.
+            image = np.asarray(im.convert("RGB") if im.mode in ("L", "P") else im)
     except (OSError, SyntaxError, ValueError) as err:
         raise ArchiveError(f"{name} in {path} is not a readable PNG ({err}); {hint}") from err
     if image.shape != shape or image.dtype != np.uint8:
