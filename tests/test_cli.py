@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jvdm import cli
+from jvdm.errors import JvdmUserError
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 TINY = os.path.join(ROOT, "experiments", "tiny.py")
@@ -84,6 +85,43 @@ def test_train_passes_the_overridden_validated_config(tmp_path, monkeypatch, cap
     assert workdir == str(tmp_path)
     assert (config.train.steps, config.model.channels, config.data.name) == (3, 16, "digits")
     assert json.loads(capsys.readouterr().out) == {"bpd": 1.5}
+
+
+def test_every_user_error_class_is_a_jvdm_user_error():
+    from jvdm import checkpoint, datasets, evaluate, integrity, workdir
+
+    kinds = [
+        cli.UsageError,
+        checkpoint.CheckpointMismatchError,
+        datasets.DatasetError,
+        datasets.DatasetNotPreparedError,
+        evaluate.RunNotFoundError,
+        integrity.CorruptCheckpointError,
+        workdir.WorkdirError,
+    ]
+    assert all(issubclass(k, JvdmUserError) for k in kinds)
+    # Run failures (exit status 1) are not user errors.
+    assert not issubclass(checkpoint.CheckpointSaveError, JvdmUserError)
+
+
+@pytest.mark.parametrize(
+    "error,status",
+    [(JvdmUserError("bad input: do this instead"), 2), (ValueError("a bug in jvdm"), None)],
+)
+def test_only_user_errors_are_one_line(tmp_path, monkeypatch, capsys, error, status):
+    def train_and_evaluate(config, workdir):
+        raise error
+
+    fake = types.ModuleType("jvdm.train")
+    fake.train_and_evaluate = train_and_evaluate
+    monkeypatch.setitem(sys.modules, "jvdm.train", fake)
+    argv = ["train", "--config", TINY, "--workdir", str(tmp_path)]
+    if status is None:  # a bug keeps its traceback
+        with pytest.raises(ValueError, match="a bug in jvdm"):
+            cli.main(argv)
+    else:
+        assert cli.main(argv) == status
+        assert _error_line(capsys) == "jvdm: error: bad input: do this instead"
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from jvdm import integrity
+from jvdm.errors import JvdmUserError
 
 __all__ = [
     "ARCHITECTURE_FIELDS",
@@ -139,7 +140,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str) -> dict[str, t
     bad = {k: v for k, v in diff.items() if k in ARCHITECTURE_FIELDS}
     if bad:
         changes = "; ".join(f"{k}: saved {a!r}, requested {b!r}" for k, (a, b) in bad.items())
-        raise ValueError(
+        raise JvdmUserError(
             f"the config changes the model of the run in {workdir!r}, so its checkpoints cannot "
             f"be resumed. Differing fields: {changes}. Use a new --workdir, or restore the "
             "saved values."
@@ -163,7 +164,7 @@ class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written (e.g. the disk is full); older ones are untouched."""
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(JvdmUserError):
     """A checkpoint's arrays do not fit the requested state (another model)."""
 
 

@@ -10,9 +10,10 @@ Examples::
   jvdm data list
 
 A user error (missing file, config typo, bad argument, unprepared dataset, a work directory that
-is unwritable or in use, a corrupt checkpoint) prints one line ``jvdm: error: ...`` and exits with
-status 2; a run that fails for a reason it explains (a full disk, a diverged loss) does the same
-with status 1. Set ``JVDM_DEBUG=1`` to see the traceback instead.
+is unwritable or in use, a corrupt checkpoint: a :class:`jvdm.errors.JvdmUserError`) prints one
+line ``jvdm: error: ...`` and exits with status 2; a run that fails for a reason it explains (a
+full disk, a diverged loss) does the same with status 1. Anything else is a bug in jvdm and shows
+its traceback. Set ``JVDM_DEBUG=1`` to see the traceback of the first two kinds as well.
 jax and tfds are imported only by the subcommands that need them, so ``--help`` answers at once;
 the subcommands that compute apply jvdm's CPU runtime defaults (``jvdm.configure_cpu_runtime``)
 before they import JAX.
@@ -26,14 +27,16 @@ import os
 import sys
 from collections.abc import Sequence
 
+from jvdm.errors import JvdmUserError
+
 __all__ = ["main"]
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
 
-class UsageError(Exception):
-    """A mistake of the caller, reported in one line with exit status 2."""
+class UsageError(JvdmUserError):
+    """A mistake on the command line, reported in one line with exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -371,9 +374,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(argv)
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else 0
-    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError) as err:
-        # ValueError covers config typos (ml_collections raises KeyError -> wrapped by
-        # apply_overrides), invalid values, unknown or unprepared datasets, bad sampler arguments.
+    except JvdmUserError as err:
+        # Every user error derives from it (jvdm.errors): config typos and invalid values, unknown
+        # or unprepared datasets, a missing run or checkpoint, a work directory in use, bad
+        # arguments. Any other ValueError is a bug and keeps its traceback.
         if debug:
             raise
         print(f"jvdm: error: {_one_line(err)}", file=sys.stderr)

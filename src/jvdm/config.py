@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import ml_collections
 from ml_collections import config_dict
 
+from jvdm.errors import JvdmUserError
+
 PREDICTIONS = ("eps", "x0", "v")
 SCHEDULES = ("learned", "linear", "cosine", "ddpm")
 SAMPLERS = ("ancestral", "ddim", "dpm_solver")
@@ -106,7 +108,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
     def need(ok: bool, field: str, value, what: str) -> None:
         if not ok:
-            raise ValueError(f"config.{field}={value!r} is invalid: {what}")
+            raise JvdmUserError(f"config.{field}={value!r} is invalid: {what}")
 
     m, g, o, t, e = c.model, c.gamma, c.optimizer, c.train, c.eval
     need(m.channels > 0, "model.channels", m.channels, "must be positive")
@@ -158,16 +160,16 @@ def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_col
     if not path.is_file():
         known = sorted(p.stem for p in path.parent.glob("*.py")) if path.parent.is_dir() else []
         hint = f" Known experiments in {path.parent}: {', '.join(known)}." if known else ""
-        raise ValueError(f"no experiment config at {str(path)!r}.{hint}")
+        raise JvdmUserError(f"no experiment config at {str(path)!r}.{hint}")
     spec = importlib.util.spec_from_file_location(f"jvdm_experiment_{path.stem}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise ValueError(f"{path} defines no get_config()")
+        raise JvdmUserError(f"{path} defines no get_config()")
     config = module.get_config() if arg is None else module.get_config(arg)
     if not isinstance(config, ml_collections.ConfigDict):
-        raise ValueError(f"{path}: get_config() must return an ml_collections.ConfigDict")
+        raise JvdmUserError(f"{path}: get_config() must return an ml_collections.ConfigDict")
     config.lock()
     return config
 
@@ -188,7 +190,7 @@ def apply_overrides(
     for item in overrides:
         text = item.removeprefix("--").removeprefix("config.")
         if "=" not in text:
-            raise ValueError(f"malformed override {item!r}: expected section.field=value")
+            raise JvdmUserError(f"malformed override {item!r}: expected section.field=value")
         dotted, raw = text.split("=", 1)
         try:
             value = ast.literal_eval(raw)
@@ -198,13 +200,13 @@ def apply_overrides(
         node = config
         for i, part in enumerate(parents):
             if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-                raise ValueError(
+                raise JvdmUserError(
                     f"unknown config section {'.'.join(parents[: i + 1])!r} in override {item!r}; "
                     f"sections: {_sections(node)}"
                 )
             node = node[part]
         if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
-            raise ValueError(
+            raise JvdmUserError(
                 f"unknown config field {dotted!r} in override {item!r}; "
                 f"fields here: {sorted(node.keys())}"
             )
@@ -216,5 +218,5 @@ def apply_overrides(
         try:
             node[leaf] = value
         except (TypeError, AttributeError) as err:
-            raise ValueError(f"bad value in override {item!r}: {err}") from None
+            raise JvdmUserError(f"bad value in override {item!r}: {err}") from None
     return config

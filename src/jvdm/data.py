@@ -33,6 +33,7 @@ from jvdm.datasets import (
     open_split,
     prepare,
 )
+from jvdm.errors import JvdmUserError
 
 __all__ = [
     "DatasetNotPreparedError",
@@ -86,11 +87,13 @@ def _prefetched(
 
 def _check_sharding(batch_size: int, process_index: int, process_count: int) -> None:
     if batch_size <= 0 or process_count <= 0:
-        raise ValueError(f"need positive sizes: {batch_size=}, {process_count=}")
+        raise JvdmUserError(f"need positive sizes: {batch_size=}, {process_count=}")
     if batch_size % process_count:
-        raise ValueError(f"batch size must divide among processes: {batch_size=}, {process_count=}")
+        raise JvdmUserError(
+            f"batch size must divide among processes: {batch_size=}, {process_count=}"
+        )
     if not 0 <= process_index < process_count:
-        raise ValueError(
+        raise JvdmUserError(
             f"need 0 <= process_index < process_count: {process_index=}, {process_count=}"
         )
 
@@ -117,9 +120,9 @@ class TrainLoader:
     ):
         _check_sharding(global_batch_size, process_index, process_count)
         if seed < 0 or start_step < 0:
-            raise ValueError(f"need non-negative {seed=} and {start_step=}")
+            raise JvdmUserError(f"need non-negative {seed=} and {start_step=}")
         if len(source) == 0:
-            raise ValueError("cannot train on an empty split")
+            raise JvdmUserError("cannot train on an empty split")
         self.source = source
         self.num_examples = len(source)
         self.global_batch_size = global_batch_size

@@ -24,6 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jvdm import model as model_lib
+from jvdm.errors import JvdmUserError
 
 __all__ = [
     "TERMS",
@@ -45,7 +46,7 @@ def _check_steps(steps) -> int | None:
     if steps is None:
         return None
     if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps <= 0:
-        raise ValueError(
+        raise JvdmUserError(
             f"steps={steps!r}; expected a positive number of discrete steps T, or None for the "
             "model's own bound"
         )
@@ -54,7 +55,7 @@ def _check_steps(steps) -> int | None:
 
 def _check_draws(draws) -> int:
     if isinstance(draws, bool) or not isinstance(draws, int | np.integer) or draws <= 0:
-        raise ValueError(f"draws={draws!r}; expected a positive integer")
+        raise JvdmUserError(f"draws={draws!r}; expected a positive integer")
     return int(draws)
 
 
@@ -63,11 +64,11 @@ def _check_images(model: model_lib.VDM, images) -> None:
     dtype = getattr(images, "dtype", None)
     expected = f"uint8 [B, {', '.join(map(str, model.image_shape))}] (pixel values 0..255)"
     if shape is None or dtype is None:
-        raise ValueError(f"images must be an array, {expected}; got {type(images)}")
+        raise JvdmUserError(f"images must be an array, {expected}; got {type(images)}")
     if len(shape) != 4 or tuple(shape[1:]) != tuple(model.image_shape) or shape[0] < 1:
-        raise ValueError(f"images have shape {tuple(shape)}; expected {expected}")
+        raise JvdmUserError(f"images have shape {tuple(shape)}; expected {expected}")
     if dtype != np.uint8:
-        raise ValueError(
+        raise JvdmUserError(
             f"images have dtype {dtype}; expected {expected}. Pass the raw 8-bit images, not "
             "scaled floats"
         )
@@ -117,7 +118,7 @@ def bpd(
       ValueError: images of the wrong shape or dtype, ``steps <= 0`` or ``draws <= 0``.
     """
     if not isinstance(params, model_lib.VDMParams):
-        raise ValueError(f"params must be a jvdm VDMParams; got {type(params)}")
+        raise JvdmUserError(f"params must be a jvdm VDMParams; got {type(params)}")
     _check_images(params.model, images)
     steps = _check_steps(steps)
     draws = _check_draws(draws)
@@ -175,11 +176,11 @@ def evaluate_split(
     from jvdm import data as data_lib  # local: keeps the maths importable without tfds
 
     if not isinstance(params, model_lib.VDMParams):
-        raise ValueError(f"params must be a jvdm VDMParams; got {type(params)}")
+        raise JvdmUserError(f"params must be a jvdm VDMParams; got {type(params)}")
     steps = _check_steps(steps)
     draws = _check_draws(draws)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size!r}; expected a positive integer")
+        raise JvdmUserError(f"batch_size={batch_size!r}; expected a positive integer")
     loader = data_lib.make_eval_loader(
         dataset,
         split=split,
@@ -215,7 +216,7 @@ def evaluate_split(
     values = {k: _gather(np.concatenate(v)) for k, v in per_term.items()}
     n = int(values["bpd"].shape[0])
     if n == 0:
-        raise ValueError(f"split {split!r} of dataset {dataset!r} holds no images")
+        raise JvdmUserError(f"split {split!r} of dataset {dataset!r} holds no images")
     sem = float(np.std(values["bpd"], ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
     return {
         "bpd_mean": float(np.mean(values["bpd"])),
@@ -235,6 +236,11 @@ def evaluate_split(
 # needs neither the trainer nor its optimizer).
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+
+
+class RunNotFoundError(JvdmUserError, FileNotFoundError):
+    """No run, checkpoint or saved config where one was asked for (the message says what was
+    looked for)."""
 
 
 def _step_dirs(checkpoints: pathlib.Path) -> list[pathlib.Path]:
@@ -257,7 +263,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[pathlib.Path, pathlib.P
     # Absolute: orbax refuses relative checkpoint paths.
     path = pathlib.Path(path).expanduser().absolute()
     if not path.exists():
-        raise FileNotFoundError(
+        raise RunNotFoundError(
             f"no run directory or checkpoint at {str(path)!r}: expected a work directory written "
             f"by `jvdm train` (holding {CHECKPOINT_DIR}/<step>/) or one of its "
             f"{CHECKPOINT_DIR}/<step> directories"
@@ -266,7 +272,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[pathlib.Path, pathlib.P
         return path.parent.parent, path
     steps = _step_dirs(path / CHECKPOINT_DIR)
     if not steps:
-        raise FileNotFoundError(
+        raise RunNotFoundError(
             f"no checkpoint in {str(path)!r}: looked for step directories "
             f"{str(path / CHECKPOINT_DIR)}/<step>/ (written by `jvdm train` every "
             "train.checkpoint_every steps); train first, or pass a checkpoint directory"
@@ -280,7 +286,7 @@ def load_config(workdir: str | os.PathLike):
 
     file = pathlib.Path(workdir) / CONFIG_FILE
     if not file.is_file():
-        raise FileNotFoundError(
+        raise RunNotFoundError(
             f"no saved config at {str(file)!r}: `jvdm train` writes it when a run starts; without "
             "it the model definition of the checkpoint is unknown"
         )
@@ -297,11 +303,11 @@ def _update_config(node, saved: dict, *, prefix: str) -> None:
     for k, v in saved.items():
         name = f"{prefix}{k}"
         if k not in node:
-            raise ValueError(f"saved config field {name!r} is unknown to this version of jvdm")
+            raise JvdmUserError(f"saved config field {name!r} is unknown to this version of jvdm")
         current = node[k]
         if isinstance(current, ml_collections.ConfigDict):
             if not isinstance(v, dict):
-                raise ValueError(f"saved config field {name!r} should be a section, got {v!r}")
+                raise JvdmUserError(f"saved config field {name!r} should be a section, got {v!r}")
             _update_config(current, v, prefix=f"{name}.")
             continue
         if isinstance(current, tuple) and isinstance(v, list):
@@ -311,7 +317,7 @@ def _update_config(node, saved: dict, *, prefix: str) -> None:
         try:
             node[k] = v
         except (TypeError, AttributeError, KeyError) as err:
-            raise ValueError(f"saved config field {name!r}={v!r} does not fit: {err}") from None
+            raise JvdmUserError(f"saved config field {name!r}={v!r} does not fit: {err}") from None
 
 
 def _item_dir(step_dir: pathlib.Path) -> pathlib.Path:
@@ -325,7 +331,7 @@ def _item_dir(step_dir: pathlib.Path) -> pathlib.Path:
                 return p
     if len(items) == 1:
         return items[0]
-    raise FileNotFoundError(
+    raise RunNotFoundError(
         f"{str(step_dir)!r} is not a readable checkpoint: expected one orbax item directory "
         f"(with a _METADATA file), found {[p.name for p in items]}"
     )

@@ -19,13 +19,15 @@ import hashlib
 import json
 import os
 
+from jvdm.errors import JvdmUserError
+
 __all__ = ["CHECKSUM_FILE", "CorruptCheckpointError", "check_step", "write_checksum"]
 
 CHECKSUM_FILE = "jvdm_checksum.json"
 _FORMAT = 1
 
 
-class CorruptCheckpointError(ValueError):
+class CorruptCheckpointError(JvdmUserError):
     """A checkpoint whose files do not match its checksum, or that cannot be read."""
 
 

@@ -85,7 +85,7 @@ def initialize_distributed(
         jax.distributed.initialize()  # the cluster's own variables say who is who
         return True
     if None in (address, num_processes, process_id):
-        raise ValueError(
+        raise JvdmUserError(
             "multi-process start-up needs a coordinator address, the number of processes and this "
             f"process's id (flags or {_ENV_ADDRESS}, {_ENV_NUM_PROCESSES}, {_ENV_PROCESS_ID}); "
             f"got coordinator_address={address!r}, {num_processes=}, {process_id=}"
@@ -104,7 +104,7 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
-        raise ValueError("a mesh needs at least one device")
+        raise JvdmUserError("a mesh needs at least one device")
     return Mesh(np.asarray(devices, dtype=object), (DATA_AXIS,))
 
 
@@ -123,7 +123,7 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, *, grad_accum_steps: in
     each device's share into ``grad_accum_steps`` micro-batches."""
     n = mesh.devices.size
     if global_batch_size % n:
-        raise ValueError(
+        raise JvdmUserError(
             f"the global batch size must divide by the number of devices: "
             f"{global_batch_size=} is not a multiple of {n} devices"
         )

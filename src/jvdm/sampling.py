@@ -57,6 +57,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jvdm import decoder
 from jvdm import model as model_lib
+from jvdm.errors import JvdmUserError
 
 __all__ = [
     "SAMPLERS",
@@ -88,29 +89,31 @@ def default_steps(model: model_lib.VDM, sampler: str) -> int:
 
 def _check_args(params, n, steps, sampler, eta, batch_size) -> tuple[int, int]:
     if not isinstance(params, model_lib.VDMParams):
-        raise ValueError(
+        raise JvdmUserError(
             f"params must be a jvdm VDMParams (from jvdm.load or model.init); got {type(params)}"
         )
     if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r}; expected one of {SAMPLERS}")
+        raise JvdmUserError(f"sampler={sampler!r}; expected one of {SAMPLERS}")
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n <= 0:
-        raise ValueError(f"n={n!r}; expected a positive integer number of images")
+        raise JvdmUserError(f"n={n!r}; expected a positive integer number of images")
     if steps is None:
         steps = default_steps(params.model, sampler)
     if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps <= 0:
-        raise ValueError(f"steps={steps!r}; expected a positive integer (or None for the default)")
+        raise JvdmUserError(
+            f"steps={steps!r}; expected a positive integer (or None for the default)"
+        )
     is_real = isinstance(eta, numbers.Real) and not isinstance(eta, bool)
     if not (is_real and math.isfinite(eta) and 0.0 <= eta <= 1.0):
-        raise ValueError(f"eta={eta!r}; expected a number with 0 <= eta <= 1")
+        raise JvdmUserError(f"eta={eta!r}; expected a number with 0 <= eta <= 1")
     if eta != 0.0 and sampler != "ddim":
-        raise ValueError(f"eta={eta!r} applies only to sampler='ddim'; got sampler={sampler!r}")
+        raise JvdmUserError(f"eta={eta!r} applies only to sampler='ddim'; got sampler={sampler!r}")
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     if (
         isinstance(batch_size, bool)
         or not isinstance(batch_size, int | np.integer)
         or batch_size <= 0
     ):
-        raise ValueError(f"batch_size={batch_size!r}; expected a positive integer (or None)")
+        raise JvdmUserError(f"batch_size={batch_size!r}; expected a positive integer (or None)")
     return int(steps), int(batch_size)
 
 

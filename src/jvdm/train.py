@@ -34,6 +34,7 @@ from jvdm import model as model_lib
 from jvdm import parallel, train_log
 from jvdm import train_state as state_lib
 from jvdm import workdir as workdir_lib
+from jvdm.errors import JvdmUserError
 from jvdm.train_state import TrainState, create_train_state, train_step
 
 __all__ = [
@@ -59,7 +60,7 @@ def _check_image_shape(config, image_shape: tuple[int, ...]) -> None:
     h, w, _ = image_shape
     factor = 2 ** (len(config.model.channel_mult) - 1)
     if h % factor or w % factor:
-        raise ValueError(
+        raise JvdmUserError(
             f"dataset {config.data.name!r} has images of shape (H, W, C) = {tuple(image_shape)}, "
             f"but config.model.channel_mult={tuple(config.model.channel_mult)} halves them "
             f"{len(config.model.channel_mult) - 1} times: H and W must be multiples of {factor}"
@@ -69,12 +70,12 @@ def _check_image_shape(config, image_shape: tuple[int, ...]) -> None:
 def _check_batch(batch: dict[str, np.ndarray], model: model_lib.VDM, name: str) -> None:
     image = batch["image"]
     if image.ndim != 4 or tuple(image.shape[1:]) != tuple(model.image_shape):
-        raise ValueError(
+        raise JvdmUserError(
             f"dataset {name!r} gives images of shape {tuple(image.shape[1:])}, but the model was "
             f"built for {tuple(model.image_shape)}"
         )
     if image.dtype != np.uint8:
-        raise ValueError(f"dataset {name!r} gives {image.dtype} images; expected uint8")
+        raise JvdmUserError(f"dataset {name!r} gives {image.dtype} images; expected uint8")
 
 
 def _check_streak(host_metrics: list[dict], done: int, limit: int, manager) -> None:

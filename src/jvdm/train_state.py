@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from jvdm import model as model_lib
 from jvdm import parallel
+from jvdm.errors import JvdmUserError
 
 __all__ = [
     "TrainState",
@@ -98,7 +99,7 @@ def learning_rate_schedule(
     """Linear warm-up from 0 to ``learning_rate``, then cosine decay to ``final_lr_fraction`` of it
     at ``total_steps`` (or constant, with ``decay='constant'``)."""
     if decay not in ("cosine", "constant"):
-        raise ValueError(f"{decay=}; expected 'cosine' or 'constant'")
+        raise JvdmUserError(f"{decay=}; expected 'cosine' or 'constant'")
     if decay == "cosine":
         after = optax.cosine_decay_schedule(
             learning_rate, max(total_steps - warmup_steps, 1), alpha=final_lr_fraction

@@ -22,12 +22,14 @@ import time
 import warnings
 from collections.abc import Iterator
 
+from jvdm.errors import JvdmUserError
+
 __all__ = ["LOCK_FILE", "WorkdirError", "check_free_space", "check_writable", "lock"]
 
 LOCK_FILE = ".lock"
 
 
-class WorkdirError(ValueError):
+class WorkdirError(JvdmUserError):
     """The work directory cannot be used: not writable, too little space, or in use."""
 
 
