@@ -88,10 +88,10 @@ def main() -> int:
     import jax
     import numpy as np
 
-    from jvdm import data, evaluate, quality
+    from jvdm import data, quality, run
     from jvdm.quality_classifier import Recipe, get_classifier
 
-    params, config = evaluate.load_with_config(args.workdir)
+    params, config = run.load_with_config(args.workdir)
     name, data_dir = config.data.name, config.data.data_dir
     clf = get_classifier(Recipe(name), data_dir)
     test = data.load_split_array(name, "test", data_dir)

@@ -17,6 +17,7 @@ from flax import struct
 from jvdm import checkpoint as ckpt
 from jvdm import config as config_lib
 from jvdm import parallel
+from jvdm import run as run_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,7 +126,7 @@ def test_config_is_saved_and_compared_on_resume(tmp_path):
     assert ckpt.check_config(tiny(), workdir) == {}  # nothing saved yet
     path = ckpt.save_config(tiny(), workdir)
     assert path == os.path.join(workdir, "config.json")
-    saved = ckpt.load_config(workdir)
+    saved = run_lib.read_saved_config(workdir)
     assert saved["model"]["channel_mult"] == [1, 2] and saved["data"]["data_dir"] is None
 
     assert ckpt.check_config(tiny(), workdir) == {}

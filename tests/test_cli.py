@@ -88,14 +88,14 @@ def test_train_passes_the_overridden_validated_config(tmp_path, monkeypatch, cap
 
 
 def test_every_user_error_class_is_a_jvdm_user_error():
-    from jvdm import checkpoint, datasets, evaluate, integrity, workdir
+    from jvdm import checkpoint, datasets, integrity, run, workdir
 
     kinds = [
         cli.UsageError,
         checkpoint.CheckpointMismatchError,
         datasets.DatasetError,
         datasets.DatasetNotPreparedError,
-        evaluate.RunNotFoundError,
+        run.RunNotFoundError,
         integrity.CorruptCheckpointError,
         workdir.WorkdirError,
     ]

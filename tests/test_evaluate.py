@@ -15,6 +15,8 @@ within 4 standard errors.
 import json
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,7 @@ from jvdm import checkpoint as ckpt
 from jvdm import config as config_lib
 from jvdm import evaluate
 from jvdm import model as model_lib
+from jvdm import run as run_lib
 from jvdm.nn import gamma as gamma_lib
 
 SHAPE = (4, 4, 1)
@@ -208,25 +211,40 @@ def run_dir(tmp_path_factory):
 
 def test_load_restores_the_latest_ema_parameters(run_dir):
     workdir, states = run_dir
-    params = evaluate.load(workdir)
+    params = run_lib.load(workdir)
     assert isinstance(params, model_lib.VDMParams)
     assert params.model == model_lib.from_config(_tiny_config())
     jax.tree.map(np.testing.assert_array_equal, params, states[4].ema_params)
     # One checkpoint directory: that step.
-    older = evaluate.load(workdir / "checkpoints" / "2")
+    older = run_lib.load(workdir / "checkpoints" / "2")
     jax.tree.map(np.testing.assert_array_equal, older, states[2].ema_params)
+
+
+def test_load_needs_neither_grain_nor_tfds(run_dir):
+    # A fresh interpreter: this one has imported the loaders already.
+    workdir, _ = run_dir
+    code = (
+        "import sys, jvdm; params = jvdm.load(sys.argv[1]); "
+        "print(type(params).__name__, sorted(m for m in ('grain', 'tensorflow_datasets', "
+        "'tensorflow', 'jvdm.data', 'jvdm.train') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(workdir)], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["VDMParams", "[]"], out.stdout
 
 
 def test_load_reports_what_it_looked_for(tmp_path):
     with pytest.raises(FileNotFoundError, match="no run directory or checkpoint at"):
-        evaluate.load(tmp_path / "missing")
+        run_lib.load(tmp_path / "missing")
     with pytest.raises(
         FileNotFoundError, match=r"looked for step directories .*checkpoints/<step>"
     ):
-        evaluate.load(tmp_path)
+        run_lib.load(tmp_path)
     (tmp_path / "checkpoints" / "7").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no saved config"):
-        evaluate.load(tmp_path)
+        run_lib.load(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 
 from gaussian_models import GaussianDenoiser, perturbed_learned
-from jvdm import evaluate, sampling
 from jvdm import model as model_lib
+from jvdm import run as run_lib
+from jvdm import sampling
 from jvdm.nn import gamma as gamma_lib
 
 M, S = 0.3, 0.5
@@ -200,7 +201,7 @@ def tiny_params(tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("tiny_run")
     write_run(str(workdir), steps=(1,))
-    params = evaluate.load(workdir)
+    params = run_lib.load(workdir)
     assert params.model.image_shape == TINY_SHAPE
     return params
 

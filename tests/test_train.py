@@ -23,6 +23,7 @@ from jvdm import checkpoint as ckpt
 from jvdm import config as config_lib
 from jvdm import data as data_lib
 from jvdm import parallel, train_log
+from jvdm import run as run_lib
 from jvdm import train as train_lib
 from jvdm import train_state as state_lib
 
@@ -157,7 +158,7 @@ def test_end_to_end_bpd_falls_and_outputs_are_written(runs):
     assert result["checkpoint"] == os.path.join(workdir, "checkpoints", str(STEPS))
     assert os.path.isdir(result["checkpoint"])
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(f"{workdir}/tensorboard"))
-    saved = ckpt.load_config(workdir)
+    saved = run_lib.read_saved_config(workdir)
     assert saved["train"]["steps"] == STEPS and saved["model"]["channel_mult"] == [1]
     evals = [r for r in read_metrics(workdir) if "eval/bpd_mean" in r]
     assert [r["step"] for r in evals] == [10, STEPS]

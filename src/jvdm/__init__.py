@@ -45,7 +45,7 @@ _SOURCES: dict[str, str] = {
     "snr_weighted_loss": "jvdm.losses",
     # sampling and likelihood
     "bpd": "jvdm.evaluate",
-    "load": "jvdm.evaluate",
+    "load": "jvdm.run",
     "ode_bpd": "jvdm.ode",
     "ode_log_likelihood": "jvdm.ode",
     "sample": "jvdm.sampling",

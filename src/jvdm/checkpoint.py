@@ -34,6 +34,8 @@ import orbax.checkpoint as ocp
 
 from jvdm import integrity
 from jvdm.errors import JvdmUserError
+from jvdm.run import read_saved_config
+from jvdm.workdir import CHECKPOINT_DIR, CONFIG_FILE
 
 __all__ = [
     "ARCHITECTURE_FIELDS",
@@ -44,7 +46,6 @@ __all__ = [
     "check_config",
     "close",
     "config_diff",
-    "load_config",
     "make_manager",
     "poll",
     "restore",
@@ -53,8 +54,6 @@ __all__ = [
     "save_config",
 ]
 
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
 
 # Fields that change the shapes of the saved state, or what the saved weights compute. Every other
 # field (train.steps, the optimizer, eval settings, ...) may change when a run is resumed.
@@ -105,15 +104,6 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:
     return path
 
 
-def load_config(workdir: str) -> dict[str, Any] | None:
-    """The saved config of ``workdir`` as a nested dict, or ``None`` if there is none."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def config_diff(saved: dict[str, Any], config: ml_collections.ConfigDict) -> dict[str, tuple]:
     """``{field: (saved value, requested value)}`` for every field that differs."""
     old, new = _flat(_as_json_dict(saved)), _flat(_as_json_dict(config))
@@ -133,7 +123,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str) -> dict[str, t
     Raises:
       ValueError: a field of :data:`ARCHITECTURE_FIELDS` differs, naming every such field.
     """
-    saved = load_config(workdir)
+    saved = read_saved_config(workdir)
     if saved is None:
         return {}
     diff = config_diff(saved, config)

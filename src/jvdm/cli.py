@@ -186,13 +186,13 @@ def _cmd_sample(args) -> int:
     _configure_runtime()
     import jax
 
-    from jvdm import evaluate, sampling, viz
+    from jvdm import run, sampling, viz
 
     if args.sampler not in sampling.SAMPLERS:
         raise UsageError(
             f"--sampler {args.sampler!r}: expected one of {', '.join(sampling.SAMPLERS)}"
         )
-    params = evaluate.load(args.workdir)
+    params = run.load(args.workdir)
     images = sampling.sample(
         params,
         jax.random.key(args.seed),
@@ -202,7 +202,7 @@ def _cmd_sample(args) -> int:
         eta=args.eta,
         batch_size=args.batch_size,
     )
-    out = args.out or os.path.join(evaluate.resolve_checkpoint(args.workdir)[0], "samples.png")
+    out = args.out or os.path.join(run.resolve_checkpoint(args.workdir)[0], "samples.png")
     viz.save_image_grid(images, out)
     if args.save_npy:
         import numpy as np
@@ -225,9 +225,9 @@ def _cmd_eval(args) -> int:
     _configure_runtime()
     import jax
 
-    from jvdm import evaluate
+    from jvdm import evaluate, run
 
-    params, config = evaluate.load_with_config(args.workdir)
+    params, config = run.load_with_config(args.workdir)
     split = args.split or config.data.eval_split
     if args.images is not None:
         split = f"{split}[:{args.images}]"  # tfds slicing: the ELBO and the ODE see one subset

@@ -15,6 +15,7 @@ import ast
 import importlib.util
 import pathlib
 from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
@@ -210,13 +211,46 @@ def apply_overrides(
                 f"unknown config field {dotted!r} in override {item!r}; "
                 f"fields here: {sorted(node.keys())}"
             )
-        current = node[leaf]
-        if isinstance(current, tuple) and isinstance(value, list | int):
-            value = tuple(value) if isinstance(value, list) else (value,)
-        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
         try:
-            node[leaf] = value
+            node[leaf] = _coerce(node[leaf], value)
         except (TypeError, AttributeError) as err:
             raise JvdmUserError(f"bad value in override {item!r}: {err}") from None
     return config
+
+
+def _coerce(current: Any, value: Any) -> Any:
+    """``value`` in the type of the field's ``current`` value where the source format cannot
+    say it: JSON and the command line have no tuples (``[1, 2]``, or ``2`` for ``(2,)``), and
+    ``1`` for a float field means ``1.0``."""
+    if isinstance(current, tuple) and isinstance(value, list | int) and not isinstance(value, bool):
+        return tuple(value) if isinstance(value, list) else (value,)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def from_dict(saved: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A config as saved (``config.json``, nested JSON) decoded onto :func:`base_config`.
+
+    Raises:
+      JvdmUserError: a saved field is unknown to this version of jvdm, or does not fit its type.
+    """
+    config = base_config()
+    _update(config, saved, prefix="")
+    return config
+
+
+def _update(node: ml_collections.ConfigDict, saved: dict[str, Any], *, prefix: str) -> None:
+    for k, v in saved.items():
+        name = f"{prefix}{k}"
+        if k not in node:
+            raise JvdmUserError(f"saved config field {name!r} is unknown to this version of jvdm")
+        if isinstance(node[k], ml_collections.ConfigDict):
+            if not isinstance(v, dict):
+                raise JvdmUserError(f"saved config field {name!r} should be a section, got {v!r}")
+            _update(node[k], v, prefix=f"{name}.")
+            continue
+        try:
+            node[k] = _coerce(node[k], v)
+        except (TypeError, AttributeError, KeyError) as err:
+            raise JvdmUserError(f"saved config field {name!r}={v!r} does not fit: {err}") from None

@@ -431,7 +431,7 @@ def loss_and_grads(
 
 def from_config(config) -> VDM:
     """Builds the :class:`VDM` that an experiment config describes."""
-    from jvdm.data import image_shape as dataset_shape  # local: the maths never needs tfds
+    from jvdm.datasets import image_shape as dataset_shape  # the catalogue: no tfds, no data
     from jvdm.nn import unet as unet_lib
 
     image_shape = dataset_shape(config.data.name, config.data.data_dir)

@@ -183,9 +183,9 @@ def score_run(workdir, *, n: int, sampler: str, steps=None, seed: int = 0, data_
 
     import jax
 
-    from jvdm import evaluate, sampling
+    from jvdm import run, sampling
 
-    params, config = evaluate.load_with_config(workdir)
+    params, config = run.load_with_config(workdir)
     start = time.perf_counter()
     images = sampling.sample(params, jax.random.key(seed), n, steps=steps, sampler=sampler)
     seconds = time.perf_counter() - start

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from jvdm import parallel
+from jvdm.workdir import METRICS_FILE
 
 __all__ = [
     "METRICS_FILE",
@@ -24,7 +25,6 @@ __all__ = [
     "summarise",
 ]
 
-METRICS_FILE = "metrics.jsonl"
 # Metrics that are counters (report the last value of an interval, not the mean).
 _LAST_VALUE = ("lr", "skipped_total", "skipped_consecutive")
 

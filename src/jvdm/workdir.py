@@ -1,4 +1,8 @@
-"""Guards on a run's work directory, checked before any training: writable, big enough, not shared.
+"""A run's work directory: its layout (the one home of these names), and guards checked before any
+training: writable, big enough, not shared.
+
+Layout: ``config.json`` (:data:`CONFIG_FILE`), ``checkpoints/<step>/`` (:data:`CHECKPOINT_DIR`),
+``metrics.jsonl`` (:data:`METRICS_FILE`) and the lock file ``.lock`` (:data:`LOCK_FILE`).
 
 * :func:`check_writable` creates the directory and writes, syncs and deletes a probe file, so a
   path under a regular file, a read-only file system or a missing permission fails in a second
@@ -24,8 +28,20 @@ from collections.abc import Iterator
 
 from jvdm.errors import JvdmUserError
 
-__all__ = ["LOCK_FILE", "WorkdirError", "check_free_space", "check_writable", "lock"]
+__all__ = [
+    "CHECKPOINT_DIR",
+    "CONFIG_FILE",
+    "LOCK_FILE",
+    "METRICS_FILE",
+    "WorkdirError",
+    "check_free_space",
+    "check_writable",
+    "lock",
+]
 
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"
 
 

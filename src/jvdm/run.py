@@ -1,0 +1,208 @@
+"""Loading a trained run: its checkpoint, its saved config and its verified EMA parameters.
+
+A work directory (layout: :mod:`jvdm.workdir`) holds ``config.json`` and ``checkpoints/<step>/``.
+:func:`load` rebuilds the model from the saved config (its image shape comes from the dataset
+catalogue, so neither the data, grain nor tensorflow_datasets are needed) and restores the EMA
+parameters of the newest verified checkpoint; loading needs neither the trainer nor its optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jvdm import model as model_lib
+from jvdm.errors import JvdmUserError
+from jvdm.workdir import CHECKPOINT_DIR, CONFIG_FILE
+
+__all__ = [
+    "RunNotFoundError",
+    "load",
+    "load_config",
+    "load_with_config",
+    "read_saved_config",
+    "resolve_checkpoint",
+]
+
+
+class RunNotFoundError(JvdmUserError, FileNotFoundError):
+    """No run, checkpoint or saved config where one was asked for (the message says what was
+    looked for)."""
+
+
+def _step_dirs(checkpoints: pathlib.Path) -> list[pathlib.Path]:
+    """Finished step directories ``<step>/`` (orbax's in-progress saves carry a tmp suffix)."""
+    if not checkpoints.is_dir():
+        return []
+    return sorted(
+        (p for p in checkpoints.iterdir() if p.is_dir() and p.name.isdigit()),
+        key=lambda p: int(p.name),
+    )
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
+    """``(workdir, step_dir)`` for a run directory (its latest checkpoint) or one step directory.
+
+    Raises:
+      RunNotFoundError (a FileNotFoundError): the path does not exist or holds no checkpoint;
+        the message says what was looked for.
+    """
+    # Absolute: orbax refuses relative checkpoint paths.
+    path = pathlib.Path(path).expanduser().absolute()
+    if not path.exists():
+        raise RunNotFoundError(
+            f"no run directory or checkpoint at {str(path)!r}: expected a work directory written "
+            f"by `jvdm train` (holding {CHECKPOINT_DIR}/<step>/) or one of its "
+            f"{CHECKPOINT_DIR}/<step> directories"
+        )
+    if path.name.isdigit() and path.parent.name == CHECKPOINT_DIR:
+        return path.parent.parent, path
+    steps = _step_dirs(path / CHECKPOINT_DIR)
+    if not steps:
+        raise RunNotFoundError(
+            f"no checkpoint in {str(path)!r}: looked for step directories "
+            f"{str(path / CHECKPOINT_DIR)}/<step>/ (written by `jvdm train` every "
+            "train.checkpoint_every steps); train first, or pass a checkpoint directory"
+        )
+    return path, steps[-1]
+
+
+def read_saved_config(workdir: str | os.PathLike) -> dict[str, Any] | None:
+    """The saved ``config.json`` of ``workdir`` as written (nested JSON), or ``None`` if none."""
+    file = pathlib.Path(workdir) / CONFIG_FILE
+    if not file.is_file():
+        return None
+    with open(file) as f:
+        return json.load(f)
+
+
+def load_config(workdir: str | os.PathLike):
+    """The experiment config saved in ``workdir``, decoded onto today's base config, validated.
+
+    Raises:
+      RunNotFoundError: ``workdir`` has no ``config.json``.
+      JvdmUserError: a saved field is unknown to this version of jvdm or does not fit its type.
+    """
+    from jvdm import config as config_lib
+
+    saved = read_saved_config(workdir)
+    if saved is None:
+        raise RunNotFoundError(
+            f"no saved config at {str(pathlib.Path(workdir) / CONFIG_FILE)!r}: `jvdm train` writes "
+            "it when a run starts; without it the model definition of the checkpoint is unknown"
+        )
+    return config_lib.validate(config_lib.from_dict(saved))
+
+
+def _item_dir(step_dir: pathlib.Path) -> pathlib.Path:
+    """The orbax item holding the train state inside a step directory."""
+    if (step_dir / "_METADATA").is_file():
+        return step_dir
+    items = sorted(p for p in step_dir.iterdir() if (p / "_METADATA").is_file())
+    for preferred in ("state", "default", "train_state"):
+        for p in items:
+            if p.name == preferred:
+                return p
+    if len(items) == 1:
+        return items[0]
+    raise RunNotFoundError(
+        f"{str(step_dir)!r} is not a readable checkpoint: expected one orbax item directory "
+        f"(with a _METADATA file), found {[p.name for p in items]}"
+    )
+
+
+def _restore_ema(step_dir: pathlib.Path, model: model_lib.VDM) -> model_lib.VDMParams:
+    import orbax.checkpoint as ocp
+    from flax import serialization
+
+    abstract = jax.eval_shape(lambda: model_lib.init(model, jax.random.key(0)))
+    target = serialization.to_state_dict(abstract)
+    # Host NumPy arrays: independent of the device layout the run was saved from.
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    item = _item_dir(step_dir)
+    restored = ocp.PyTreeCheckpointer().restore(
+        item,
+        args=ocp.args.PyTreeRestore(
+            item={"ema_params": target},
+            restore_args={"ema_params": restore_args},
+            partial_restore=True,
+        ),
+    )
+    ema = serialization.from_state_dict(abstract, restored["ema_params"])
+    return jax.tree.map(jnp.asarray, ema)
+
+
+def _verified(path, step_dir: pathlib.Path) -> pathlib.Path:
+    """The step to load: ``step_dir`` if its checksum matches. A work directory whose newest step
+    is unverified (a save not checksummed yet) gives its newest verified step instead; a corrupt
+    step is an error, never a fallback to other parameters than those asked for."""
+    import warnings
+
+    from jvdm import integrity
+
+    is_run = pathlib.Path(path).expanduser().resolve() != step_dir.resolve()
+    candidates = _step_dirs(step_dir.parent)[::-1] if is_run else [step_dir]
+    for i, candidate in enumerate(candidates):
+        try:
+            if integrity.check_step(str(candidate)):
+                if i:
+                    warnings.warn(
+                        f"checkpoint {step_dir} is not verified yet (no "
+                        f"{integrity.CHECKSUM_FILE}); loading the newest verified one, "
+                        f"{candidate}",
+                        stacklevel=3,
+                    )
+                return candidate
+        except integrity.CorruptCheckpointError as err:
+            older = [str(p) for p in _step_dirs(step_dir.parent) if p.name != candidate.name]
+            raise integrity.CorruptCheckpointError(
+                f"{err}. Its parameters would be wrong, so nothing was loaded"
+                + (f"; other checkpoints of this run: {', '.join(older[-3:])}" if older else "")
+            ) from None
+    warnings.warn(
+        f"checkpoint {step_dir} has no {integrity.CHECKSUM_FILE} (saved by an older jvdm, or its "
+        "run was killed before the save was verified): loading it unverified",
+        stacklevel=3,
+    )
+    return step_dir
+
+
+def load_with_config(path: str | os.PathLike):
+    """``(params, config)``: :func:`load`'s parameters and the run's experiment config."""
+    from jvdm import integrity
+
+    workdir, step_dir = resolve_checkpoint(path)
+    step_dir = _verified(path, step_dir)
+    config = load_config(workdir)
+    model = model_lib.from_config(config)
+    try:
+        return _restore_ema(step_dir, model), config
+    except (OSError, ValueError) as err:  # a damaged checkpoint that has no checksum
+        raise integrity.CorruptCheckpointError(
+            f"checkpoint {step_dir} cannot be read: {' '.join(str(err).split())[:300]}"
+        ) from err
+
+
+def load(path: str | os.PathLike) -> model_lib.VDMParams:
+    """The EMA parameters of a run, ready for :func:`jvdm.sample` and :func:`jvdm.bpd`.
+
+    Args:
+      path: a work directory written by ``jvdm train`` (its latest checkpoint is used) or one
+        checkpoint directory ``WORKDIR/checkpoints/<step>``.
+
+    Returns:
+      A :class:`jvdm.model.VDMParams` carrying the static model rebuilt from the saved config.
+
+    Raises:
+      RunNotFoundError (a FileNotFoundError): no such path, no checkpoint in it, or no saved
+        config.
+      jvdm.integrity.CorruptCheckpointError (a ValueError): the checkpoint's files do not match
+        their checksum, or cannot be read.
+    """
+    return load_with_config(path)[0]
