@@ -102,11 +102,6 @@ def gamma(params: VDMParams, t: jax.Array) -> jax.Array:
     return params.model.schedule.apply(params.schedule, t)
 
 
-def gamma_and_derivative(params: VDMParams, t: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(gamma(t), gamma'(t))``, the derivative by forward-mode AD (``jax.jvp``)."""
-    return gamma_lib.gamma_and_derivative(lambda u: gamma(params, u), t)
-
-
 def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
     """Reshapes a per-example ``[B]`` (or scalar) to broadcast against ``x`` ``[B, ...]``."""
     v = jnp.asarray(v, x.dtype)

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "ENDPOINT_PARAMS",
     "CosineGamma",
     "DDPMGamma",
     "FixedLinearGamma",
@@ -29,9 +28,6 @@ __all__ = [
     "endpoints",
     "gamma_and_derivative",
 ]
-
-# Names of LearnedGamma's top-level end-point parameters; every other leaf is the interior.
-ENDPOINT_PARAMS = ("gamma_min", "gamma_max")
 
 
 def _as_float(t) -> jax.Array:
