@@ -14,6 +14,11 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jvdm  # noqa: E402
+
+# An entry point, as the `jvdm` command is: jvdm's CPU runtime defaults before JAX starts.
+jvdm.configure_cpu_runtime()
+
 import jax  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
