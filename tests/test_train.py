@@ -365,15 +365,16 @@ def test_nonfinite_streak_stops_and_keeps_the_last_good_checkpoint(tmp_path, mon
     real_step = train_lib.train_step
     calls = []
 
-    def poisoned_step(state, batch, key):
+    def poisoned_step(state, batch, key, **kwargs):
         # From step `poison_at` on, the parameters hold NaN: every loss and gradient is NaN, so
         # every update is skipped (and the NaN parameters are what "the state kept" holds).
         if len(calls) == poison_at:
             with jax.transfer_guard("allow"):
                 state = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
         calls.append(1)
-        return real_step(state, batch, key)
+        return real_step(state, batch, key, **kwargs)
 
+    poisoned_step.lower = real_step.lower  # the trainer's pre-flight compiles the real step
     monkeypatch.setattr(train_lib, "train_step", poisoned_step)
     workdir = str(tmp_path / "nan")
     with pytest.raises(train_lib.NonFiniteError) as err:
