@@ -173,7 +173,11 @@ class _Manager(ocp.CheckpointManager):
 
     def save(self, step: int, *args, **kwargs) -> bool:
         self.wait_until_finished()  # orbax waits here anyway: seal the previous step first
-        saved = super().save(step, *args, **kwargs)
+        try:
+            saved = super().save(step, *args, **kwargs)
+        except Exception as err:  # the synchronous part of the save failed (a full disk)
+            self._unsealed.append(step)
+            self._fail(err)
         if saved:
             self._unsealed.append(step)
         return saved
@@ -184,27 +188,45 @@ class _Manager(ocp.CheckpointManager):
             self.check_for_errors()
             self._seal()  # the checksum file is part of the save: a full disk can fail it too
         except Exception as err:
-            failed = [s for s in self._unsealed if s not in self.sealed]
-            self._unsealed = []
-            for step in failed:  # free the space the failed save took (best effort)
-                for tmp in glob.glob(self.step_dir(step) + ".orbax-checkpoint-tmp*"):
-                    shutil.rmtree(tmp, ignore_errors=True)
-                # Written but never checksummed (the checksum file failed): not a checkpoint.
-                shutil.rmtree(self.step_dir(step), ignore_errors=True)
-            kept = sorted(s for s in self.sealed if os.path.isdir(self.step_dir(s)))
-            text = " ".join(str(err).split())
-            full = _is_disk_full(err)
-            reason = "the disk is full (No space left on device)" if full else text[:400]
-            raise CheckpointSaveError(
-                f"saving checkpoint {', '.join(map(str, failed)) or '?'} in {self.directory} "
-                f"failed: {reason}. No older checkpoint was deleted: "
-                + (
-                    f"steps {kept} are intact; rerun to resume from step {kept[-1]}."
-                    if kept
-                    else "none had been saved."
-                )
-            ) from err
+            self._fail(err)
         self._prune()
+
+    def _remove_failed(self, failed: list[int]) -> None:
+        """Frees the space of failed saves: their step directories (written but never checksummed:
+        not checkpoints) and every temporary directory of a save (none is in flight now)."""
+        try:  # orbax's writer threads may still be closing files of the failed save
+            super().wait_until_finished()
+        except Exception:
+            pass
+        root = os.fspath(self.directory)
+        for _ in range(50):
+            doomed = [self.step_dir(s) for s in failed if os.path.isdir(self.step_dir(s))]
+            doomed += glob.glob(os.path.join(root, "*.orbax-checkpoint-tmp*"))
+            if not doomed:
+                return
+            for path in doomed:
+                shutil.rmtree(path, ignore_errors=True)
+            time.sleep(0.05)
+
+    def _fail(self, err: BaseException) -> None:
+        """Cleans up after a failed save and raises :class:`CheckpointSaveError` naming it."""
+        failed = [s for s in self._unsealed if s not in self.sealed]
+        self._unsealed = []
+        if jax.process_index() == 0:
+            self._remove_failed(failed)
+        kept = sorted(s for s in self.sealed if os.path.isdir(self.step_dir(s)))
+        text = " ".join(str(err).split())
+        full = _is_disk_full(err)
+        reason = "the disk is full (No space left on device)" if full else text[:400]
+        raise CheckpointSaveError(
+            f"saving checkpoint {', '.join(map(str, failed)) or '?'} in {self.directory} "
+            f"failed: {reason}. No older checkpoint was deleted: "
+            + (
+                f"steps {kept} are intact; rerun to resume from step {kept[-1]}."
+                if kept
+                else "none had been saved."
+            )
+        ) from err
 
     def _seal(self) -> None:
         """Writes the checksums of the finished saves (process 0; the files are shared)."""
