@@ -8,6 +8,9 @@ EXP    ?= learned_snr
 WORKDIR ?= runs/$(EXP)
 ARGS   ?=
 PYTEST_ARGS ?=
+# Test workers (pytest-xdist): compilation is single-threaded, so two workers keep both cores busy.
+# Each test file stays on one worker (its module fixtures are computed once).
+TEST_WORKERS ?= 2
 
 .PHONY: install test test-all lint format train sample eval bench clean
 
@@ -21,10 +24,10 @@ $(STAMP): pyproject.toml setup.cfg
 	@touch $@
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-all: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests experiments bench
