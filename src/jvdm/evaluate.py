@@ -14,60 +14,35 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jvdm import model as model_lib
+from jvdm import parallel, validate
 from jvdm.errors import JvdmUserError
 
 __all__ = ["TERMS", "bpd", "evaluate_split"]
 
 TERMS = ("bpd", "recon_bpd", "prior_bpd", "diffusion_bpd")
 
-# (batch shape, timesteps, draws) -> number of traces; tests read it to assert one compilation.
-TRACE_COUNTS: dict[Any, int] = {}
-
 
 def _check_steps(steps) -> int | None:
     if steps is None:
         return None
-    if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps <= 0:
-        raise JvdmUserError(
-            f"steps={steps!r}; expected a positive number of discrete steps T, or None for the "
-            "model's own bound"
-        )
-    return int(steps)
-
-
-def _check_draws(draws) -> int:
-    if isinstance(draws, bool) or not isinstance(draws, int | np.integer) or draws <= 0:
-        raise JvdmUserError(f"draws={draws!r}; expected a positive integer")
-    return int(draws)
-
-
-def _check_images(model: model_lib.VDM, images) -> None:
-    shape = getattr(images, "shape", None)
-    dtype = getattr(images, "dtype", None)
-    expected = f"uint8 [B, {', '.join(map(str, model.image_shape))}] (pixel values 0..255)"
-    if shape is None or dtype is None:
-        raise JvdmUserError(f"images must be an array, {expected}; got {type(images)}")
-    if len(shape) != 4 or tuple(shape[1:]) != tuple(model.image_shape) or shape[0] < 1:
-        raise JvdmUserError(f"images have shape {tuple(shape)}; expected {expected}")
-    if dtype != np.uint8:
-        raise JvdmUserError(
-            f"images have dtype {dtype}; expected {expected}. Pass the raw 8-bit images, not "
-            "scaled floats"
-        )
+    return validate.positive_int(
+        steps, "steps", " number of discrete steps T, or None for the model's own bound"
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("timesteps", "draws"))
 def _bpd_batch(params, images, key, *, timesteps, draws):
-    sig = (images.shape, timesteps, draws, params.model)
-    TRACE_COUNTS[sig] = TRACE_COUNTS.get(sig, 0) + 1
+    return _bpd_draws(params, images, key, timesteps=timesteps, draws=draws)
+
+
+def _bpd_draws(params, images, key, *, timesteps, draws):
+    """The traced body of :func:`_bpd_batch`: ``draws`` bounds per image, their mean and SEM."""
 
     def one_draw(d):
         return model_lib.loss_terms(
@@ -109,20 +84,10 @@ def bpd(
     """
     if not isinstance(params, model_lib.VDMParams):
         raise JvdmUserError(f"params must be a jvdm VDMParams; got {type(params)}")
-    _check_images(params.model, images)
+    validate.check_images(images, params.model.image_shape)
     steps = _check_steps(steps)
-    draws = _check_draws(draws)
+    draws = validate.positive_int(draws, "draws")
     return _bpd_batch(params, jnp.asarray(images), key, timesteps=steps, draws=draws)
-
-
-def _batch_layout(batch_size: int):
-    """``(padded batch size, sharding)``: a local batch of at least one image per device is padded
-    (with masked rows) to a multiple of the local device count and sharded on the batch axis."""
-    devices = jax.local_devices()
-    if len(devices) < 2 or batch_size < len(devices):
-        return batch_size, None
-    padded = -(-batch_size // len(devices)) * len(devices)
-    return padded, NamedSharding(Mesh(np.array(devices), ("data",)), PartitionSpec("data"))
 
 
 def _gather(values: np.ndarray) -> np.ndarray:
@@ -168,9 +133,8 @@ def evaluate_split(
     if not isinstance(params, model_lib.VDMParams):
         raise JvdmUserError(f"params must be a jvdm VDMParams; got {type(params)}")
     steps = _check_steps(steps)
-    draws = _check_draws(draws)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise JvdmUserError(f"batch_size={batch_size!r}; expected a positive integer")
+    draws = validate.positive_int(draws, "draws")
+    batch_size = validate.positive_int(batch_size, "batch_size")
     loader = data_lib.make_eval_loader(
         dataset,
         split=split,
@@ -179,9 +143,9 @@ def evaluate_split(
         process_count=jax.process_count(),
         data_dir=data_dir,
     )
-    padded, sharding = _batch_layout(loader.local_batch_size)
+    padded, sharding = parallel.local_batch_layout(loader.local_batch_size)
     if sharding is not None:
-        params = jax.device_put(params, NamedSharding(sharding.mesh, PartitionSpec()))
+        params = jax.device_put(params, parallel.replicated_sharding(sharding.mesh))
     else:
         # One local device; parameters replicated over a mesh would run the program on each.
         params = jax.device_put(params, jax.local_devices()[0])
@@ -192,7 +156,7 @@ def evaluate_split(
         key = jax.random.fold_in(key, jax.process_index())
     for b, batch in enumerate(loader):
         images = batch["image"]
-        _check_images(params.model, images)
+        validate.check_images(images, params.model.image_shape)
         mask = np.asarray(batch["mask"], bool)
         if padded != images.shape[0]:
             extra = padded - images.shape[0]

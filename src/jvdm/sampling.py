@@ -45,86 +45,124 @@ References:
 
 from __future__ import annotations
 
-import collections
 import functools
 import math
 import numbers
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jvdm import decoder
+from jvdm import decoder, parallel, validate
 from jvdm import model as model_lib
 from jvdm.errors import JvdmUserError
 
 __all__ = [
     "SAMPLERS",
+    "Sampler",
     "default_steps",
     "sample",
     "sample_latents",
     "sampling_grid",
+    "solve",
     "time_from_gamma",
 ]
 
-SAMPLERS = ("ancestral", "ddim", "dpm_solver")
 DEFAULT_CONTINUOUS_STEPS = 1000
 DEFAULT_FAST_STEPS = 50
 DEFAULT_BATCH_SIZE = 256
 _BISECTION_ITERS = 40  # halves [0, 1] to 1e-12, below float32 resolution
 _LOWER_ORDER_FINAL_BELOW = 15  # DPM-Solver++ reference: first-order last step for short runs
 
-# (sampler, steps, chunk, decode) -> number of traces; tests read it to assert one compilation.
-TRACE_COUNTS: collections.Counter = collections.Counter()
+
+# ------------------------------------------------------------------------------------------------
+# The samplers: one small object each, in one table.
+
+
+class StepInput(NamedTuple):
+    """What one step sees besides the state: scalars shared by the batch, and the noise.
+
+    ``i`` is the step's index (0 first, at ``t = 1``); ``g_t -> g_s`` the step's ``gamma`` values
+    (``g_s < g_t``); ``g_prev`` the ``gamma`` one point before ``g_t`` (DPM-Solver's multistep
+    ratio; equal to ``g_t`` at ``i = 0``); ``noise`` a standard normal ``[B, H, W, C]`` (zeros when
+    the caller is deterministic); ``eta`` DDIM's stochasticity.
+    """
+
+    i: jax.Array
+    g_t: jax.Array
+    g_s: jax.Array
+    g_prev: jax.Array
+    noise: jax.Array
+    eta: jax.Array
+
+
+class Sampler(NamedTuple):
+    """A sampler as the chain runs it: ``state = init(z_1)``, then ``state = step(params, state,
+    inp, steps)`` once per grid interval; ``state[0]`` is the latent.
+
+    Attributes:
+      name: the name users pass (one of :data:`jvdm.validate.SAMPLER_NAMES`).
+      order: the order of convergence of the deterministic map to the probability-flow ODE's
+        solution (global error ``O(steps^-order)``), as tested in ``tests/test_sampling.py``; 0 for
+        a sampler that is not a discretisation of the ODE (ancestral).
+      is_deterministic: whether the map ``z_1 -> z_0`` uses no noise (DDIM only with ``eta = 0``,
+        which :func:`solve` fixes).
+      uses_noise: whether the chain draws a normal per step for it.
+      grid: ``"time"`` (uniform in ``t``) or ``"lambda"`` (uniform in ``lambda = -gamma/2``).
+      init: ``z_1 -> state``, a pytree whose first leaf is the latent.
+      step: ``(params, state, StepInput, steps) -> state``; ``steps`` is static.
+    """
+
+    name: str
+    order: int
+    is_deterministic: bool
+    uses_noise: bool
+    grid: str
+    init: Callable[[jax.Array], Any]
+    step: Callable[..., Any]
 
 
 def default_steps(model: model_lib.VDM, sampler: str) -> int:
     """The step count used when ``steps=None``: ``T`` for ancestral sampling of a discrete-time
     model, 1000 for continuous-time ancestral sampling, 50 for DDIM and DPM-Solver."""
-    if sampler == "ancestral":
+    if SAMPLERS[validate.check_sampler(sampler)].grid == "time":
         return model.timesteps if model.timesteps > 0 else DEFAULT_CONTINUOUS_STEPS
     return DEFAULT_FAST_STEPS
 
 
-def _check_args(params, n, steps, sampler, eta, batch_size) -> tuple[int, int]:
+def _check_params(params) -> None:
     if not isinstance(params, model_lib.VDMParams):
         raise JvdmUserError(
             f"params must be a jvdm VDMParams (from jvdm.load or model.init); got {type(params)}"
         )
-    if sampler not in SAMPLERS:
-        raise JvdmUserError(f"sampler={sampler!r}; expected one of {SAMPLERS}")
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n <= 0:
-        raise JvdmUserError(f"n={n!r}; expected a positive integer number of images")
+
+
+def _check_args(params, n, steps, sampler, eta, batch_size) -> tuple[int, int]:
+    _check_params(params)
+    validate.check_sampler(sampler)
+    validate.positive_int(n, "n", " number of images")
     if steps is None:
         steps = default_steps(params.model, sampler)
-    if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps <= 0:
-        raise JvdmUserError(
-            f"steps={steps!r}; expected a positive integer (or None for the default)"
-        )
+    steps = validate.positive_int(steps, "steps", " (or None for the default)")
     is_real = isinstance(eta, numbers.Real) and not isinstance(eta, bool)
     if not (is_real and math.isfinite(eta) and 0.0 <= eta <= 1.0):
         raise JvdmUserError(f"eta={eta!r}; expected a number with 0 <= eta <= 1")
     if eta != 0.0 and sampler != "ddim":
         raise JvdmUserError(f"eta={eta!r} applies only to sampler='ddim'; got sampler={sampler!r}")
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, int | np.integer)
-        or batch_size <= 0
-    ):
-        raise JvdmUserError(f"batch_size={batch_size!r}; expected a positive integer (or None)")
-    return int(steps), int(batch_size)
+    return steps, validate.positive_int(batch_size, "batch_size", " (or None)")
 
 
 # ------------------------------------------------------------------------------------------------
 # Grids.
 
 
-def _gamma_grid(params, steps: int, sampler: str) -> jax.Array:
+def _gamma_grid(params, steps: int, grid: str) -> jax.Array:
     """``gamma`` at the ``steps + 1`` grid points, from ``t = 1`` (first) to ``t = 0`` (last)."""
     i = jnp.arange(steps + 1, dtype=jnp.float32)
-    if sampler == "ancestral":
+    if grid == "time":
         # t_i = 1 - i/steps, written so that the end points are exactly 1 and 0.
         t = (steps - i) / steps
         return model_lib.gamma(params, t)
@@ -158,10 +196,10 @@ def time_from_gamma(params, g: jax.Array, *, iters: int = _BISECTION_ITERS) -> j
     return 0.5 * (lo + hi)
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "sampler"))
-def _grid_jit(params, *, steps: int, sampler: str):
-    g = _gamma_grid(params, steps, sampler)
-    if sampler == "ancestral":
+@functools.partial(jax.jit, static_argnames=("steps", "grid"))
+def _grid_jit(params, *, steps: int, grid: str):
+    g = _gamma_grid(params, steps, grid)
+    if grid == "time":
         i = jnp.arange(steps + 1, dtype=jnp.float32)
         return (steps - i) / steps, g
     t = time_from_gamma(params, g)
@@ -175,7 +213,7 @@ def sampling_grid(params, steps: int | None = None, sampler: str = "ancestral"):
     :func:`time_from_gamma`; the samplers themselves use only ``gamma``.
     """
     steps, _ = _check_args(params, 1, steps, sampler, 0.0, None)
-    t, g = _grid_jit(params, steps=steps, sampler=sampler)
+    t, g = _grid_jit(params, steps=steps, grid=SAMPLERS[sampler].grid)
     return np.asarray(t), np.asarray(g)
 
 
@@ -188,34 +226,50 @@ def _alpha_sigma(g):
     return jnp.sqrt(jax.nn.sigmoid(-g)), jnp.sqrt(jax.nn.sigmoid(g))
 
 
-def _ancestral_step(params, z, g_t, g_s, noise):
+def _latent_only(z):
+    return (z,)
+
+
+def _ancestral_step(params, state, inp: StepInput, steps: int):
     """``z_s ~ q(z_s | z_t, x = x0_hat)``: VDM's sampler, in the stable gamma form."""
+    del steps
+    (z,) = state
+    g_t, g_s = inp.g_t, inp.g_s
     eps_hat, _ = model_lib.predict_eps_x0(params, z, g_t)
     _, sigma_t = _alpha_sigma(g_t)
     c = -jnp.expm1(g_s - g_t)  # 1 - SNR(t)/SNR(s), exact even when g_s ~ g_t
     # alpha_s / alpha_t as exp of a log-ratio: both factors are accurate, their ratio is too.
     ratio = jnp.exp(0.5 * (jax.nn.log_sigmoid(-g_s) - jax.nn.log_sigmoid(-g_t)))
     std = jnp.sqrt(c * jax.nn.sigmoid(g_s))
-    return ratio * (z - c * sigma_t * eps_hat) + std * noise
+    return (ratio * (z - c * sigma_t * eps_hat) + std * inp.noise,)
 
 
-def _ddim_step(params, z, g_t, g_s, noise, eta):
+def _ddim_step(params, state, inp: StepInput, steps: int):
     """DDIM with stochasticity ``eta``; ``eta = 1`` reproduces :func:`_ancestral_step`."""
-    eps_hat, x0_hat = model_lib.predict_eps_x0(params, z, g_t)
-    alpha_s, sigma_s = _alpha_sigma(g_s)
-    c = -jnp.expm1(g_s - g_t)
+    del steps
+    (z,) = state
+    eps_hat, x0_hat = model_lib.predict_eps_x0(params, z, inp.g_t)
+    alpha_s, sigma_s = _alpha_sigma(inp.g_s)
+    c = -jnp.expm1(inp.g_s - inp.g_t)
+    eta = inp.eta
     keep = jnp.sqrt(jnp.maximum(1.0 - eta * eta * c, 0.0))
-    return alpha_s * x0_hat + sigma_s * keep * eps_hat + (eta * sigma_s * jnp.sqrt(c)) * noise
+    return (
+        alpha_s * x0_hat + sigma_s * keep * eps_hat + (eta * sigma_s * jnp.sqrt(c)) * inp.noise,
+    )
 
 
-def _dpm_step(params, z, g_t, g_s, g_prev, x0_prev, i, steps):
-    """One DPM-Solver++(2M) step from ``g_t`` to ``g_s``; ``g_prev, x0_prev`` from the step before.
+def _dpm_init(z):
+    return (z, jnp.zeros_like(z))  # (z, x0_hat of the step before; unused at i = 0)
 
-    Returns ``(z_s, x0_hat_t)``.
-    """
+
+def _dpm_step(params, state, inp: StepInput, steps: int):
+    """One DPM-Solver++(2M) step from ``g_t`` to ``g_s``; the state carries the step before's
+    ``x0_hat``. Returns ``(z_s, x0_hat_t)``."""
+    z, x0_prev = state
+    g_t, g_s, i = inp.g_t, inp.g_s, inp.i
     _, x0_hat = model_lib.predict_eps_x0(params, z, g_t)
     h = 0.5 * (g_t - g_s)  # lambda_s - lambda_t > 0
-    h_prev = 0.5 * (g_prev - g_t)
+    h_prev = 0.5 * (inp.g_prev - g_t)
     r = h_prev / h
     use_first_order = i == 0
     if steps < _LOWER_ORDER_FINAL_BELOW:
@@ -230,6 +284,75 @@ def _dpm_step(params, z, g_t, g_s, g_prev, x0_prev, i, steps):
     return sigma_ratio * z - (alpha_s * jnp.expm1(-h)) * d, x0_hat
 
 
+#: Every sampler, by the name users pass. The only place that knows what each name does.
+SAMPLERS: dict[str, Sampler] = {
+    s.name: s
+    for s in (
+        Sampler("ancestral", 0, False, True, "time", _latent_only, _ancestral_step),
+        Sampler("ddim", 1, True, True, "lambda", _latent_only, _ddim_step),
+        Sampler("dpm_solver", 2, True, False, "lambda", _dpm_init, _dpm_step),
+    )
+}
+assert tuple(SAMPLERS) == validate.SAMPLER_NAMES, "the table and the checked names must agree"
+
+
+def _scan(params, sampler: Sampler, z_1, g, eta, noise_fn):
+    """Runs ``sampler`` over the gamma grid ``g`` ``[steps + 1]`` from ``z_1``; returns ``z_0``.
+
+    ``noise_fn(i)`` gives step ``i``'s standard normal, or is ``None`` (zeros: deterministic).
+    """
+    steps = g.shape[0] - 1
+    g_prev = jnp.concatenate([g[:1], g[:-2]])  # g_prev[i] = g[i - 1]; g[0] at i = 0 (unused)
+    xs = (jnp.arange(steps), g[:-1], g[1:], g_prev)
+
+    def body(state, x):
+        i, g_t, g_s, g_p = x
+        noise = jnp.zeros_like(state[0]) if noise_fn is None else noise_fn(i)
+        return sampler.step(params, state, StepInput(i, g_t, g_s, g_p, noise, eta), steps), None
+
+    state, _ = jax.lax.scan(body, sampler.init(z_1), xs)
+    return state[0]
+
+
+@functools.partial(jax.jit, static_argnames=("sampler",))
+def _solve(params, z_1, grid, *, sampler):
+    return _scan(params, SAMPLERS[sampler], z_1, grid.astype(jnp.float32), 0.0, None)
+
+
+def solve(params: model_lib.VDMParams, z_1, grid, *, sampler: str = "dpm_solver") -> jax.Array:
+    """The deterministic map ``z_1 -> z_0`` of a deterministic sampler on a given ``gamma`` grid.
+
+    The probability-flow ODE's discretisation by DDIM (``eta = 0``, first order) or
+    DPM-Solver++(2M) (second order), without noise and without the decoder: for a study of the
+    solver itself (its order, its error on a grid of one's own), or to map given latents.
+
+    Args:
+      params: the model's parameters.
+      z_1: float ``[B, H, W, C]`` latents at ``gamma = grid[0]`` (the prior's are ``N(0, I)``).
+      grid: ``[steps + 1]`` decreasing ``gamma`` values, from the start (``gamma(1)`` for sampling)
+        to the end (``gamma(0)``), e.g. :func:`sampling_grid`'s second output.
+      sampler: ``"ddim"`` or ``"dpm_solver"``.
+
+    Returns:
+      float32 ``[B, H, W, C]``, the latents at ``gamma = grid[-1]``.
+    """
+    _check_params(params)
+    if not SAMPLERS[validate.check_sampler(sampler)].is_deterministic:
+        raise JvdmUserError(f"sampler={sampler!r} draws noise; solve takes 'ddim' or 'dpm_solver'")
+    grid = np.asarray(grid)
+    if grid.ndim != 1 or grid.shape[0] < 2 or not np.all(np.diff(grid) < 0):
+        raise JvdmUserError(
+            f"grid has shape {grid.shape}; expected at least 2 decreasing gamma values"
+        )
+    z_1 = jnp.asarray(z_1, jnp.float32)
+    if z_1.ndim != 4 or tuple(z_1.shape[1:]) != tuple(params.model.image_shape):
+        raise JvdmUserError(
+            f"z_1 has shape {tuple(z_1.shape)}; expected [B, "
+            f"{', '.join(map(str, params.model.image_shape))}]"
+        )
+    return _solve(params, z_1, jnp.asarray(grid), sampler=sampler)
+
+
 # ------------------------------------------------------------------------------------------------
 # The compiled program.
 
@@ -242,32 +365,11 @@ def _per_image_normal(keys, shape, tag):
 def _run_chain(params, keys, eta, *, steps, sampler):
     """``z_0`` for a batch of per-image keys ``[B]``."""
     shape = params.model.image_shape
-    g = _gamma_grid(params, steps, sampler)
+    spec = SAMPLERS[sampler]
+    g = _gamma_grid(params, steps, spec.grid)
     z = _per_image_normal(keys, shape, 0)  # z_1 ~ N(0, I), the prior
-    step_index = jnp.arange(steps)
-    g_t, g_s = g[:-1], g[1:]
-
-    if sampler == "dpm_solver":
-        g_prev = jnp.concatenate([g[:1], g[:-2]])  # unused at i = 0
-
-        def body(carry, xs):
-            z, x0_prev = carry
-            i, gt, gs, gp = xs
-            z, x0 = _dpm_step(params, z, gt, gs, gp, x0_prev, i, steps)
-            return (z, x0), None
-
-        (z, _), _ = jax.lax.scan(body, (z, jnp.zeros_like(z)), (step_index, g_t, g_s, g_prev))
-        return z
-
-    def body(z, xs):
-        i, gt, gs = xs
-        noise = _per_image_normal(keys, shape, i + 1)
-        if sampler == "ancestral":
-            return _ancestral_step(params, z, gt, gs, noise), None
-        return _ddim_step(params, z, gt, gs, noise, eta), None
-
-    z, _ = jax.lax.scan(body, z, (step_index, g_t, g_s))
-    return z
+    noise_fn = (lambda i: _per_image_normal(keys, shape, i + 1)) if spec.uses_noise else None
+    return _scan(params, spec, z, g, eta, noise_fn)
 
 
 def _decode(params, z_0, keys, steps):
@@ -286,38 +388,28 @@ def _decode(params, z_0, keys, steps):
     return decoder.decoder_sample(u, z_0, g_0, model.vocab_size).astype(jnp.uint8)
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "sampler", "decode", "sharding"))
-def _sample_chunk(params, key, indices, eta, *, steps, sampler, decode, sharding):
-    TRACE_COUNTS[(sampler, steps, indices.shape[0], decode)] += 1
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, indices)
-    if sharding is not None:
-        keys = jax.lax.with_sharding_constraint(keys, sharding)
+def _generate(params, keys, eta, *, steps, sampler, decode):
+    """The traced body of one chunk: the chain, then the decoder (or the latents)."""
     z_0 = _run_chain(params, keys, eta, steps=steps, sampler=sampler)
     return _decode(params, z_0, keys, steps) if decode else z_0
 
 
-def _chunking(n: int, batch_size: int):
-    """``(chunk, sharding)``: images per compiled call, and their sharding over the local devices.
-
-    A chunk of at least one image per device is rounded up to a multiple of the device count (at
-    most ``devices - 1`` extra images, discarded) and sharded on the batch axis; a smaller one
-    runs on one device.
-    """
-    chunk = min(n, batch_size)
-    devices = jax.local_devices()
-    if len(devices) < 2 or chunk < len(devices):
-        return chunk, None
-    chunk = -(-chunk // len(devices)) * len(devices)
-    mesh = Mesh(np.array(devices), ("data",))
-    return chunk, NamedSharding(mesh, PartitionSpec("data"))
+@functools.partial(jax.jit, static_argnames=("steps", "sampler", "decode", "sharding"))
+def _sample_chunk(params, key, indices, eta, *, steps, sampler, decode, sharding):
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, indices)
+    if sharding is not None:
+        keys = jax.lax.with_sharding_constraint(keys, sharding)
+    return _generate(params, keys, eta, steps=steps, sampler=sampler, decode=decode)
 
 
 def _sample(params, key, n, *, steps, sampler, eta, batch_size, decode) -> np.ndarray:
     steps, batch_size = _check_args(params, n, steps, sampler, eta, batch_size)
-    chunk, sharding = _chunking(n, batch_size)
+    # A chunk of at least one image per device is rounded up to a multiple of the device count (at
+    # most ``devices - 1`` extra images, discarded) and sharded on the batch axis.
+    chunk, sharding = parallel.local_batch_layout(min(n, batch_size))
     if sharding is not None:
         # Replicate the parameters on the mesh once, not per chunk.
-        replicated = NamedSharding(sharding.mesh, PartitionSpec())
+        replicated = parallel.replicated_sharding(sharding.mesh)
         params = jax.device_put(params, replicated)
         key = jax.device_put(key, replicated)
     else:
