@@ -31,10 +31,9 @@ from jax.sharding import Mesh
 
 from jvdm import config as config_lib
 from jvdm import model as model_lib
-from jvdm import parallel, train_log
+from jvdm import parallel, train_log, validate
 from jvdm import train_state as state_lib
 from jvdm import workdir as workdir_lib
-from jvdm.errors import JvdmUserError
 from jvdm.train_state import TrainState, create_train_state, train_step
 
 __all__ = [
@@ -57,25 +56,13 @@ class NonFiniteError(RuntimeError):
 
 def _check_image_shape(config, image_shape: tuple[int, ...]) -> None:
     """The dataset's images must fit the denoiser that the config describes."""
-    h, w, _ = image_shape
-    factor = 2 ** (len(config.model.channel_mult) - 1)
-    if h % factor or w % factor:
-        raise JvdmUserError(
-            f"dataset {config.data.name!r} has images of shape (H, W, C) = {tuple(image_shape)}, "
-            f"but config.model.channel_mult={tuple(config.model.channel_mult)} halves them "
-            f"{len(config.model.channel_mult) - 1} times: H and W must be multiples of {factor}"
-        )
+    validate.check_sides_divide(
+        image_shape, config.model.channel_mult, f"dataset {config.data.name!r}"
+    )
 
 
 def _check_batch(batch: dict[str, np.ndarray], model: model_lib.VDM, name: str) -> None:
-    image = batch["image"]
-    if image.ndim != 4 or tuple(image.shape[1:]) != tuple(model.image_shape):
-        raise JvdmUserError(
-            f"dataset {name!r} gives images of shape {tuple(image.shape[1:])}, but the model was "
-            f"built for {tuple(model.image_shape)}"
-        )
-    if image.dtype != np.uint8:
-        raise JvdmUserError(f"dataset {name!r} gives {image.dtype} images; expected uint8")
+    validate.check_images(batch["image"], model.image_shape, f"the images of dataset {name!r}")
 
 
 def _check_streak(host_metrics: list[dict], done: int, limit: int, manager) -> None:

@@ -1,8 +1,9 @@
 """One home for the argument checks that several modules share, each with one message.
 
 Every check raises :class:`jvdm.errors.JvdmUserError` (a ``ValueError``) whose one line names the
-argument, the value it got and what it should be. This module imports nothing heavier than NumPy, so
-the config, the networks, the samplers and the CLI can all use it (it sits below them all).
+argument, the value it got and what it should be. This module imports nothing but the standard
+library, so the config, the networks, the samplers and the CLI (whose ``--help`` must stay fast) can
+all use it: it sits below them all.
 
 The sampler *names* live here, the lowest layer, because the config checks ``eval.sampler`` without
 importing JAX; the samplers themselves (name, order, init, step) are one table in
@@ -13,8 +14,6 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-
-import numpy as np
 
 from jvdm.errors import JvdmUserError
 
@@ -50,17 +49,19 @@ def check_sampler(name, where: str = "sampler") -> str:
     return name
 
 
-def check_gamma_order(gamma_min, gamma_max, what: str = "gamma") -> None:
+def check_gamma_order(gamma_min, gamma_max, prefix: str = "", suffix: str = "") -> None:
     """Requires ``gamma_max > gamma_min`` (the schedule increases from ``t = 0`` to ``t = 1``).
 
     Args:
       gamma_min, gamma_max: the end points (Python or NumPy scalars; not traced values).
-      what: how the caller names the pair (``"gamma"``, ``"gamma_*_init"``, ``"config.gamma"``).
+      prefix, suffix: around the names in the message, so that it names the caller's fields
+        (``prefix="config.gamma."``, ``suffix="_init"``).
     """
     if not gamma_max > gamma_min:
+        lo, hi = f"{prefix}gamma_min{suffix}", f"{prefix}gamma_max{suffix}"
         raise JvdmUserError(
-            f"{what}: need gamma_max > gamma_min (the noise level rises with t); got "
-            f"gamma_min={gamma_min!r}, gamma_max={gamma_max!r}"
+            f"need {hi} > {lo} (the noise level rises with t); got {lo}={gamma_min!r}, "
+            f"{hi}={gamma_max!r}"
         )
 
 
@@ -73,12 +74,13 @@ def check_sides_divide(image_shape: Sequence[int], channel_mult: Sequence[int], 
       channel_mult: the U-Net's channel multipliers, one per resolution.
       what: where the shape comes from (``"dataset 'mnist'"``, ``"the denoiser's input"``).
     """
-    h, w = tuple(image_shape)[-3:-1]
+    h, w, c = tuple(image_shape)[-3:]
     factor = 2 ** (len(channel_mult) - 1)
     if h % factor or w % factor:
         raise JvdmUserError(
-            f"{what} has images with H, W = {h}, {w}, but channel_mult={tuple(channel_mult)} "
-            f"halves them {len(channel_mult) - 1} times: H and W must be multiples of {factor}"
+            f"{what}: H and W must be multiples of {factor}, as channel_mult={tuple(channel_mult)} "
+            f"halves them {len(channel_mult) - 1} times; got (H, W, C) = {(h, w, c)}: resize to "
+            f"multiples of {factor} or use fewer resolution levels"
         )
 
 
@@ -96,8 +98,13 @@ def check_images(images, image_shape: Sequence[int], what: str = "images") -> No
     if shape is None or dtype is None:
         raise JvdmUserError(f"{what} must be an array, {expected}; got {type(images)}")
     if len(shape) != 4 or tuple(shape[1:]) != tuple(image_shape) or shape[0] < 1:
-        raise JvdmUserError(f"{what} have shape {tuple(shape)}; expected {expected}")
-    if dtype != np.uint8:
+        mismatch = ""
+        if len(shape) == 4 and tuple(shape[1:]) != tuple(image_shape):
+            mismatch = (
+                f": images of {tuple(shape[1:])}, but the model was built for {tuple(image_shape)}"
+            )
+        raise JvdmUserError(f"{what} have shape {tuple(shape)}; expected {expected}{mismatch}")
+    if dtype != "uint8":  # NumPy and JAX dtypes compare equal to their names
         raise JvdmUserError(
             f"{what} have dtype {dtype}; expected {expected}. Pass the raw 8-bit images, not "
             "scaled floats"
