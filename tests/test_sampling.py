@@ -25,7 +25,7 @@ import pytest
 from gaussian_models import GaussianDenoiser, perturbed_learned
 from jvdm import model as model_lib
 from jvdm import run as run_lib
-from jvdm import sampling
+from jvdm import samplers, sampling
 from jvdm.nn import gamma as gamma_lib
 
 M, S = 0.3, 0.5
@@ -204,7 +204,7 @@ def _exact_flow_map(g_start, g_end):
     "sampler,steps", [("ddim", (64, 128, 256, 512)), ("dpm_solver", (32, 64, 128, 256))]
 )
 def test_deterministic_samplers_converge_with_their_order(sampler, steps):
-    """The error of :func:`sampling.solve` falls as ``steps^-order``: 1 for DDIM (eta = 0), 2 for
+    """The error of :func:`samplers.solve` falls as ``steps^-order``: 1 for DDIM (eta = 0), 2 for
     DPM-Solver++(2M), as the sampler table claims.
 
     With the exact Gaussian denoiser every step is affine in ``z``, so the solver's whole map is
@@ -221,14 +221,14 @@ def test_deterministic_samplers_converge_with_their_order(sampler, steps):
     errors = []
     for n in steps:
         grid = np.linspace(G_MAX, G_MIN, n + 1)
-        z_0 = np.asarray(sampling.solve(params, z_1, grid, sampler=sampler), np.float64)
+        z_0 = np.asarray(samplers.solve(params, z_1, grid, sampler=sampler), np.float64)
         assert np.ptp(z_0[0]) == 0 and np.ptp(z_0[1]) == 0  # elementwise: one (A, b) for all
         b = z_0[0].mean()
         a = z_0[1].mean() - b
         a_exact, b_exact = _exact_flow_map(grid[0], grid[-1])
         errors.append(abs(b - b_exact) + abs(a * a - a_exact * a_exact))
     slope = np.polyfit(np.log(steps), np.log(errors), 1)[0]
-    order = sampling.SAMPLERS[sampler].order
+    order = samplers.SAMPLERS[sampler].order
     assert abs(slope + order) < 0.1, (sampler, slope, errors)
 
 
@@ -245,16 +245,16 @@ def test_solve_is_the_samplers_chain(sampler):
             for i in range(3)
         ]
     )
-    np.testing.assert_allclose(sampling.solve(params, z_1, grid, sampler=sampler), z, atol=1e-6)
+    np.testing.assert_allclose(samplers.solve(params, z_1, grid, sampler=sampler), z, atol=1e-6)
 
 
 def test_solve_rejects_a_stochastic_sampler_and_a_bad_grid():
     params = _gaussian_params("linear")
     z_1 = np.zeros((1, *SHAPE), np.float32)
     with pytest.raises(ValueError, match="sampler='ancestral' draws noise"):
-        sampling.solve(params, z_1, np.linspace(G_MAX, G_MIN, 5), sampler="ancestral")
+        samplers.solve(params, z_1, np.linspace(G_MAX, G_MIN, 5), sampler="ancestral")
     with pytest.raises(ValueError, match="decreasing gamma values"):
-        sampling.solve(params, z_1, np.linspace(G_MIN, G_MAX, 5))
+        samplers.solve(params, z_1, np.linspace(G_MIN, G_MAX, 5))
 
 
 # ------------------------------------------------------------------------------------------------
