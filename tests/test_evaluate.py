@@ -26,7 +26,7 @@ import pytest
 from gaussian_models import GaussianDenoiser, perturbed_learned
 from jvdm import checkpoint as ckpt
 from jvdm import config as config_lib
-from jvdm import evaluate
+from jvdm import evaluate, run_config
 from jvdm import model as model_lib
 from jvdm import run as run_lib
 from jvdm.nn import gamma as gamma_lib
@@ -187,7 +187,7 @@ def write_run(workdir, steps=(2, 4)):
 
     config = _tiny_config()
     abstract = state_lib.abstract_train_state(config, parallel.make_mesh())
-    ckpt.save_config(config, workdir)
+    run_config.save_config(config, workdir)
     manager = ckpt.make_manager(workdir, keep=5)
     states = {}
     ends = {"gamma_min": config.gamma.gamma_min, "gamma_max": config.gamma.gamma_max}

@@ -203,6 +203,7 @@ def train_and_evaluate(
 
 def _train(config, workdir, mesh, step_callback, is_main) -> dict[str, Any]:
     from jvdm import checkpoint as ckpt
+    from jvdm import run_config
 
     t = config.train
     # Traces the model's init (no compute): a config the denoiser rejects fails here, at once.
@@ -214,7 +215,7 @@ def _train(config, workdir, mesh, step_callback, is_main) -> dict[str, Any]:
     try:
         # Only a run that has a checkpoint to resume is bound to its saved config.
         has_checkpoint = manager.latest_step() is not None
-        changed = ckpt.check_config(config, workdir) if has_checkpoint else {}
+        changed = run_config.check_config(config, workdir) if has_checkpoint else {}
         model = abstract.params.model
         init_key, train_key, eval_key = run_keys(t.seed)
         # The newest checkpoint that verifies; corrupt or unverified newer ones are set aside.
@@ -226,7 +227,7 @@ def _train(config, workdir, mesh, step_callback, is_main) -> dict[str, Any]:
             if is_main:
                 notes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
                 print(f"resuming {workdir} from step {start}" + (f" ({notes})" if notes else ""))
-        ckpt.save_config(config, workdir)
+        run_config.save_config(config, workdir)
         train_key = parallel.replicate(train_key, mesh)
         writer = train_log.MetricsWriter(workdir, start)
         result = _loop(
