@@ -221,6 +221,13 @@ def ema_decay_at(applied: jax.Array, ema_decay: float) -> jax.Array:
     return jnp.minimum(jnp.float32(ema_decay), (1.0 + n) / (10.0 + n))
 
 
+def _gamma_in_order(params: model_lib.VDMParams) -> jax.Array:
+    """Whether ``gamma(1) > gamma(0)``: the invariant of :class:`jvdm.nn.gamma.LearnedGamma`, whose
+    end points are trained parameters (a fixed schedule's are checked once, at construction)."""
+    g_0, g_1 = model_lib.gamma(params, jnp.array([0.0, 1.0], jnp.float32))
+    return g_1 > g_0
+
+
 def _train_step(
     state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *, grad_accum_steps: int = 1
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -231,7 +238,8 @@ def _train_step(
     :func:`jvdm.model.loss_and_grads` (the bound for the denoiser and the schedule's end points, the
     loss variance for the schedule's interior); they are clipped by global norm and applied by
     AdamW, and the EMA follows with ``optax.incremental_update``. A step whose loss, gradients or
-    update are not finite changes nothing but ``step`` and the skip counters.
+    update are not finite, or whose update would leave ``gamma_max <= gamma_min`` (the learned
+    schedule's order), changes nothing but ``step`` and the skip counters.
 
     With ``grad_accum_steps = k`` the gradients are accumulated over ``k`` micro-batches of
     ``B / k`` images inside this one program (``lax.scan``), then applied once: the update of the
@@ -263,8 +271,9 @@ def _train_step(
         ema_params = optax.incremental_update(params, state.ema_params, 1.0 - decay)
         new = state.replace(params=params, ema_params=ema_params, opt_state=opt_state)
         update_norm = optax.tree.norm(updates)
-        # Finite gradients can still overflow in the update (huge Adam ratios): keep the old state.
-        ok = jnp.isfinite(update_norm)
+        # Finite gradients can still overflow in the update (huge Adam ratios), and an update can
+        # reverse a learned schedule's end points: either keeps the old state.
+        ok = jnp.isfinite(update_norm) & _gamma_in_order(params)
         return jax.lax.cond(ok, lambda: new, lambda: state), jnp.where(ok, update_norm, jnp.nan)
 
     def skip(state: TrainState) -> tuple[TrainState, jax.Array]:

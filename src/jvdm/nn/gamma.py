@@ -95,9 +95,10 @@ class LearnedGamma(nn.Module):
     training the prior term pushes gamma_max up and the reconstruction term gamma_min down, against
     the diffusion loss, which grows with the gap. A reparameterisation that forbids crossing (e.g.
     gamma_max = gamma_min + softplus(.)) would break "the parameter is the end point" that the
-    training step relies on, so instead a training loop should check ``gamma_max > gamma_min``
-    alongside its finiteness checks: were they to cross, gamma' < 0 and the diffusion loss
-    0.5 gamma' ||eps - eps_hat||^2 would be unbounded below.
+    training step relies on, so instead the training step checks ``gamma_max > gamma_min`` alongside
+    its finiteness checks and skips an update that would break it (:mod:`jvdm.train_state`): were
+    they to cross, gamma' < 0 and the diffusion loss 0.5 gamma' ||eps - eps_hat||^2 would be
+    unbounded below.
 
     Attributes:
       gamma_min_init, gamma_max_init: initial end points (VDM: -13.3 and 5.0).
