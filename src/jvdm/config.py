@@ -63,6 +63,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.gamma.use_variance_gradient = True
     c.gamma.ddpm_timesteps = 1000
 
+    _add_training_sections(c)
+    c.lock()
+    return c
+
+
+def _add_training_sections(c: ml_collections.ConfigDict) -> None:
+    """The ``optimizer``, ``train`` and ``eval`` sections of :func:`base_config`."""
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 2e-3
     c.optimizer.warmup_steps = 100
@@ -99,9 +106,6 @@ def base_config() -> ml_collections.ConfigDict:
     # Score each evaluation's samples in a dataset classifier's features (jvdm.quality; the
     # classifier is trained once per dataset and cached in the data directory).
     c.eval.use_quality = True
-
-    c.lock()
-    return c
 
 
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

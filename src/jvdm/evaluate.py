@@ -99,6 +99,32 @@ def _gather(values: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(values, tiled=True))
 
 
+def _per_image_terms(params, loader, key, *, steps, draws) -> dict[str, list[np.ndarray]]:
+    """``{term: [per-image values of each batch]}`` over this process's batches, float64, the
+    padding rows masked out. Batch ``b`` uses ``fold_in(key, b)``; one program for all batches."""
+    padded, sharding = parallel.local_batch_layout(loader.local_batch_size)
+    if sharding is not None:
+        params = jax.device_put(params, parallel.replicated_sharding(sharding.mesh))
+    else:
+        # One local device; parameters replicated over a mesh would run the program on each.
+        params = jax.device_put(params, jax.local_devices()[0])
+    per_term: dict[str, list[np.ndarray]] = {k: [] for k in TERMS}
+    for b, batch in enumerate(loader):
+        images = batch["image"]
+        validate.check_images(images, params.model.image_shape)
+        mask = np.asarray(batch["mask"], bool)
+        if padded != images.shape[0]:
+            extra = padded - images.shape[0]
+            images = np.concatenate([images, np.zeros((extra, *images.shape[1:]), images.dtype)])
+            mask = np.concatenate([mask, np.zeros((extra,), bool)])
+        if sharding is not None:
+            images = jax.device_put(images, sharding)
+        out = _bpd_batch(params, images, jax.random.fold_in(key, b), timesteps=steps, draws=draws)
+        for k in TERMS:
+            per_term[k].append(np.asarray(out[k], np.float64)[mask])
+    return per_term
+
+
 def evaluate_split(
     params: model_lib.VDMParams,
     *,
@@ -143,41 +169,20 @@ def evaluate_split(
         process_count=jax.process_count(),
         data_dir=data_dir,
     )
-    padded, sharding = parallel.local_batch_layout(loader.local_batch_size)
-    if sharding is not None:
-        params = jax.device_put(params, parallel.replicated_sharding(sharding.mesh))
-    else:
-        # One local device; parameters replicated over a mesh would run the program on each.
-        params = jax.device_put(params, jax.local_devices()[0])
-    per_term: dict[str, list[np.ndarray]] = {k: [] for k in TERMS}
     if jax.process_count() > 1:
         # Each process holds different images: give each its own noise (the same key would draw
         # the same noise for row i of every process, correlating the Monte Carlo estimates).
         key = jax.random.fold_in(key, jax.process_index())
-    for b, batch in enumerate(loader):
-        images = batch["image"]
-        validate.check_images(images, params.model.image_shape)
-        mask = np.asarray(batch["mask"], bool)
-        if padded != images.shape[0]:
-            extra = padded - images.shape[0]
-            images = np.concatenate([images, np.zeros((extra, *images.shape[1:]), images.dtype)])
-            mask = np.concatenate([mask, np.zeros((extra,), bool)])
-        if sharding is not None:
-            images = jax.device_put(images, sharding)
-        out = _bpd_batch(params, images, jax.random.fold_in(key, b), timesteps=steps, draws=draws)
-        for k in TERMS:
-            per_term[k].append(np.asarray(out[k], np.float64)[mask])
+    per_term = _per_image_terms(params, loader, key, steps=steps, draws=draws)
     values = {k: _gather(np.concatenate(v)) for k, v in per_term.items()}
-    n = int(values["bpd"].shape[0])
-    if n == 0:
+    if values["bpd"].shape[0] == 0:
         raise JvdmUserError(f"split {split!r} of dataset {dataset!r} holds no images")
+    return {**_statistics(values), "draws": draws}
+
+
+def _statistics(values: dict[str, np.ndarray]) -> dict[str, float]:
+    """The means over images, the bpd's standard error over images, and their number."""
+    n = int(values["bpd"].shape[0])
     sem = float(np.std(values["bpd"], ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-    return {
-        "bpd_mean": float(np.mean(values["bpd"])),
-        "bpd_sem": sem,
-        "recon_bpd": float(np.mean(values["recon_bpd"])),
-        "prior_bpd": float(np.mean(values["prior_bpd"])),
-        "diffusion_bpd": float(np.mean(values["diffusion_bpd"])),
-        "num_images": n,
-        "draws": draws,
-    }
+    means = {k: float(np.mean(values[k])) for k in ("recon_bpd", "prior_bpd", "diffusion_bpd")}
+    return {"bpd_mean": float(np.mean(values["bpd"])), "bpd_sem": sem, **means, "num_images": n}
