@@ -82,8 +82,7 @@ def bpd(
     Raises:
       ValueError: images of the wrong shape or dtype, ``steps <= 0`` or ``draws <= 0``.
     """
-    if not isinstance(params, model_lib.VDMParams):
-        raise JvdmUserError(f"params must be a jvdm VDMParams; got {type(params)}")
+    validate.check_params(params, model_lib.VDMParams)
     validate.check_images(images, params.model.image_shape)
     steps = _check_steps(steps)
     draws = validate.positive_int(draws, "draws")
@@ -156,8 +155,7 @@ def evaluate_split(
     """
     from jvdm import data as data_lib  # local: keeps the maths importable without tfds
 
-    if not isinstance(params, model_lib.VDMParams):
-        raise JvdmUserError(f"params must be a jvdm VDMParams; got {type(params)}")
+    validate.check_params(params, model_lib.VDMParams)
     steps = _check_steps(steps)
     draws = validate.positive_int(draws, "draws")
     batch_size = validate.positive_int(batch_size, "batch_size")

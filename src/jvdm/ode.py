@@ -106,10 +106,7 @@ class OdeLogLikelihood(NamedTuple):
 
 
 def _check_solve(params, solver, rtol, atol, max_steps) -> dict:
-    if not isinstance(params, model_lib.VDMParams):
-        raise JvdmUserError(
-            f"params must be a jvdm VDMParams (from jvdm.load or model.init); got {type(params)}"
-        )
+    validate.check_params(params, model_lib.VDMParams)
     if solver not in SOLVERS:
         raise JvdmUserError(f"solver={solver!r}; expected one of {SOLVERS}")
     for name, tol in (("rtol", rtol), ("atol", atol)):

@@ -104,13 +104,6 @@ class Sampler(NamedTuple):
     step: Callable[..., Any]
 
 
-def check_params(params) -> None:
-    if not isinstance(params, model_lib.VDMParams):
-        raise JvdmUserError(
-            f"params must be a jvdm VDMParams (from jvdm.load or model.init); got {type(params)}"
-        )
-
-
 # ------------------------------------------------------------------------------------------------
 # Grids.
 
@@ -271,7 +264,7 @@ def solve(params: model_lib.VDMParams, z_1, grid, *, sampler: str = "dpm_solver"
     Returns:
       float32 ``[B, H, W, C]``, the latents at ``gamma = grid[-1]``.
     """
-    check_params(params)
+    validate.check_params(params, model_lib.VDMParams)
     if not SAMPLERS[validate.check_sampler(sampler)].is_deterministic:
         raise JvdmUserError(f"sampler={sampler!r} draws noise; solve takes 'ddim' or 'dpm_solver'")
     grid = np.asarray(grid)

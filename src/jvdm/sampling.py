@@ -31,7 +31,7 @@ import numpy as np
 from jvdm import decoder, parallel, validate
 from jvdm import model as model_lib
 from jvdm.errors import JvdmUserError
-from jvdm.samplers import SAMPLERS, check_params, gamma_grid, run, time_from_gamma
+from jvdm.samplers import SAMPLERS, gamma_grid, run, time_from_gamma
 
 __all__ = [
     "default_steps",
@@ -54,7 +54,7 @@ def default_steps(model: model_lib.VDM, sampler: str) -> int:
 
 
 def _check_args(params, n, steps, sampler, eta, batch_size) -> tuple[int, int]:
-    check_params(params)
+    validate.check_params(params, model_lib.VDMParams)
     validate.check_sampler(sampler)
     validate.positive_int(n, "n", " number of images")
     if steps is None:

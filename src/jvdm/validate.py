@@ -19,6 +19,7 @@ from jvdm.errors import JvdmUserError
 
 __all__ = [
     "SAMPLER_NAMES",
+    "check_params",
     "check_gamma_order",
     "check_images",
     "check_sampler",
@@ -40,6 +41,15 @@ def positive_int(value, name: str, what: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise JvdmUserError(f"{name}={value!r}; expected a positive integer{what}")
     return int(value)
+
+
+def check_params(params, params_type: type) -> None:
+    """Requires a model's parameters; ``params_type`` is :class:`jvdm.model.VDMParams` (passed in,
+    so that this module stays below the model)."""
+    if not isinstance(params, params_type):
+        raise JvdmUserError(
+            f"params must be a jvdm VDMParams (from jvdm.load or model.init); got {type(params)}"
+        )
 
 
 def check_sampler(name, where: str = "sampler") -> str:
