@@ -301,15 +301,19 @@ def test_two_processes_match_one(runs, tmp_path):
     assert gap < PARAM_REL_TOL and bpd_gap < BPD_ATOL
 
 
-def test_nonfinite_update_is_skipped_and_counted(key):
-    config = tiny()
+def one_step_setup(key):
+    """``(mesh, fresh tiny state, one batch, train key)``, all on the mesh, for single steps."""
     mesh = parallel.make_mesh()
-    clean = state_lib.create_train_state(config, key, mesh=mesh)
+    clean = state_lib.create_train_state(tiny(), key, mesh=mesh)
     images = data_lib.make_train_loader(
         "mnist_subset", global_batch_size=8, seed=0, num_threads=0
     ).batch(0)["image"]
     batch = {"image": parallel.shard_batch(images, mesh)}
-    train_key = parallel.replicate(jax.random.key(1), mesh)
+    return mesh, clean, batch, parallel.replicate(jax.random.key(1), mesh)
+
+
+def test_nonfinite_update_is_skipped_and_counted(key):
+    mesh, clean, batch, train_key = one_step_setup(key)
     reference = host(clean)
 
     # One NaN in one weight makes the loss and every gradient NaN: nothing may change but the
@@ -365,14 +369,7 @@ def test_an_update_that_would_reverse_the_schedule_is_skipped_and_counted(key):
     crossed is skipped and counted like a non-finite one, although its loss and gradients are
     finite. (The first update's learning rate is 0, so an update from crossed end points keeps
     them crossed; from ordered ones it keeps them ordered and is applied.)"""
-    config = tiny()
-    mesh = parallel.make_mesh()
-    clean = state_lib.create_train_state(config, key, mesh=mesh)
-    images = data_lib.make_train_loader(
-        "mnist_subset", global_batch_size=8, seed=0, num_threads=0
-    ).batch(0)["image"]
-    batch = {"image": parallel.shard_batch(images, mesh)}
-    train_key = parallel.replicate(jax.random.key(1), mesh)
+    mesh, clean, batch, train_key = one_step_setup(key)
     ends = host(clean.params.schedule)["params"]
     lo, hi = float(ends["gamma_min"]), float(ends["gamma_max"])
     assert lo < hi
