@@ -49,9 +49,9 @@ class Run:
     eval_spec: train_log.EvalSpec
 
 
-def every(every: int, done: int, last: int | None = None) -> bool:
-    """Whether ``done`` steps are due for something done every ``every`` steps (and at ``last``)."""
-    return done % every == 0 or done == last
+def every(n: int, done: int, last: int | None = None) -> bool:
+    """Whether ``done`` steps are due for something done every ``n`` steps (and at ``last``)."""
+    return done % n == 0 or done == last
 
 
 class Saver:
