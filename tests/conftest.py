@@ -4,6 +4,7 @@ Several CPU devices are forced *before* jax is imported, so that every test can 
 mesh; single-device code simply uses the first device.
 """
 
+import collections
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
@@ -27,3 +28,28 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+@pytest.fixture
+def count_traces(monkeypatch):
+    """``count_traces(module, name, signature)`` counts the traces of a jitted program.
+
+    It replaces ``module.name`` -- a plain function that the program calls while JAX traces it
+    (``sampling._generate``, ``evaluate._bpd_draws``) -- by a wrapper that counts each call under
+    ``signature(*args, **kwargs)``, and returns that ``Counter``. A call happens only when the
+    program is traced, so each count is one compilation; a cached program adds none. (The library
+    keeps no trace counters of its own.)
+    """
+
+    def install(module, name, signature):
+        counts = collections.Counter()
+        fn = getattr(module, name)
+
+        def counting(*args, **kwargs):
+            counts[signature(*args, **kwargs)] += 1
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counting)
+        return counts
+
+    return install

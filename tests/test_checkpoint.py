@@ -16,7 +16,7 @@ from flax import struct
 
 from jvdm import checkpoint as ckpt
 from jvdm import config as config_lib
-from jvdm import parallel
+from jvdm import parallel, run_config
 from jvdm import run as run_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,15 +123,15 @@ def tiny(*overrides):
 
 def test_config_is_saved_and_compared_on_resume(tmp_path):
     workdir = str(tmp_path)
-    assert ckpt.check_config(tiny(), workdir) == {}  # nothing saved yet
-    path = ckpt.save_config(tiny(), workdir)
+    assert run_config.check_config(tiny(), workdir) == {}  # nothing saved yet
+    path = run_config.save_config(tiny(), workdir)
     assert path == os.path.join(workdir, "config.json")
     saved = run_lib.read_saved_config(workdir)
     assert saved["model"]["channel_mult"] == [1, 2] and saved["data"]["data_dir"] is None
 
-    assert ckpt.check_config(tiny(), workdir) == {}
+    assert run_config.check_config(tiny(), workdir) == {}
     # Training longer, with another learning rate or eval setting, is a resume.
-    allowed = ckpt.check_config(
+    allowed = run_config.check_config(
         tiny("train.steps=8", "optimizer.learning_rate=1e-3", "eval.draws=2"), workdir
     )
     assert allowed == {
@@ -142,7 +142,7 @@ def test_config_is_saved_and_compared_on_resume(tmp_path):
     # A different model is not: every differing architecture field is named.
     changed = tiny("model.channels=16", "model.channel_mult=(1, 2, 2)", "train.steps=8")
     with pytest.raises(ValueError) as err:
-        ckpt.check_config(changed, workdir)
+        run_config.check_config(changed, workdir)
     message = str(err.value)
     assert "model.channels: saved 8, requested 16" in message
     assert "model.channel_mult: saved [1, 2], requested [1, 2, 2]" in message
@@ -150,5 +150,5 @@ def test_config_is_saved_and_compared_on_resume(tmp_path):
 
 
 def test_every_architecture_field_exists_in_the_config():
-    flat = ckpt._flat(tiny().to_dict())
-    assert set(ckpt.ARCHITECTURE_FIELDS) <= set(flat)
+    flat = run_config._flat(tiny().to_dict())
+    assert set(run_config.ARCHITECTURE_FIELDS) <= set(flat)

@@ -26,7 +26,7 @@ import pytest
 from gaussian_models import GaussianDenoiser, perturbed_learned
 from jvdm import checkpoint as ckpt
 from jvdm import config as config_lib
-from jvdm import evaluate
+from jvdm import evaluate, run_config
 from jvdm import model as model_lib
 from jvdm import run as run_lib
 from jvdm.nn import gamma as gamma_lib
@@ -69,20 +69,24 @@ def _assert_within_4_se(per_image, expected):
     assert abs(per_image.mean() - expected) < 4 * se, (per_image.mean(), expected, se)
 
 
-def test_continuous_diffusion_bpd_matches_the_closed_form(key):
+def _bpd_signature(params, images, key, *, timesteps, draws):
+    return images.shape, timesteps, draws, params.model
+
+
+def test_continuous_diffusion_bpd_matches_the_closed_form(key, count_traces):
     # A learned schedule with a randomly perturbed interior: only its end points matter.
     images = _images(jax.random.key(1), 512)
     params = _params(images, "learned")
     _, s2 = _moments(images)
     nats = 0.5 * D * np.log((1 + s2 * np.exp(-G_MIN)) / (1 + s2 * np.exp(-G_MAX)))
-    before = dict(evaluate.TRACE_COUNTS)
+    traces = count_traces(evaluate, "_bpd_draws", _bpd_signature)
     out = evaluate.bpd(params, images, key, draws=2)
     # Deterministic by key, different for another key, and compiled once.
     again = evaluate.bpd(params, images, key, draws=2)
     other = evaluate.bpd(params, images, jax.random.key(9), draws=2)
     np.testing.assert_array_equal(out["bpd"], again["bpd"])
     assert not np.array_equal(out["bpd"], other["bpd"])
-    new = {k: v - before.get(k, 0) for k, v in evaluate.TRACE_COUNTS.items() if v != before.get(k)}
+    new = dict(traces)
     assert list(new.values()) == [1], new
     assert set(out) == {"bpd", "recon_bpd", "prior_bpd", "diffusion_bpd", "bpd_sem_per_image"}
     assert all(v.shape == (512,) for v in out.values())
@@ -135,18 +139,18 @@ def test_bpd_rejects_bad_arguments(kwargs, match, key):
         evaluate.bpd(_params(images), images, key, **kwargs)
 
 
-def test_evaluate_split_covers_every_image_once(key):
+def test_evaluate_split_covers_every_image_once(key, count_traces):
     from jvdm import data as data_lib
 
     images = data_lib.load_split_array("digits", "test")
     n = images.shape[0]
     params = _params(images, shape=(8, 8, 1))
-    before = dict(evaluate.TRACE_COUNTS)
+    traces = count_traces(evaluate, "_bpd_draws", _bpd_signature)
     result = evaluate.evaluate_split(
         params, dataset="digits", split="test", key=key, batch_size=126, draws=1
     )
     assert result["num_images"] == n == 297 and result["draws"] == 1
-    new = [k for k, v in evaluate.TRACE_COUNTS.items() if v != before.get(k)]
+    new = list(traces)
     # One program for all 3 batches of 126, padded to 128 = a multiple of the 4 test devices.
     assert len(new) == 1 and new[0][0] == (128, 8, 8, 1)
     # The same numbers by hand: padded batches, key fold_in(key, b), padding masked out.
@@ -183,7 +187,7 @@ def write_run(workdir, steps=(2, 4)):
 
     config = _tiny_config()
     abstract = state_lib.abstract_train_state(config, parallel.make_mesh())
-    ckpt.save_config(config, workdir)
+    run_config.save_config(config, workdir)
     manager = ckpt.make_manager(workdir, keep=5)
     states = {}
     ends = {"gamma_min": config.gamma.gamma_min, "gamma_max": config.gamma.gamma_max}

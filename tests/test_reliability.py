@@ -21,7 +21,7 @@ import pytest
 
 import jvdm
 from jvdm import checkpoint as ckpt
-from jvdm import cli, integrity, parallel
+from jvdm import cli, cli_commands, integrity, parallel
 from jvdm import config as config_lib
 from jvdm import train as train_lib
 from jvdm import train_state as state_lib
@@ -534,14 +534,14 @@ def test_random_command_lines_parse_or_fail_in_one_line(argv):
 
     # Nothing may run for real: the commands' bodies are stubbed; parsing and configs are real.
     def train_stub(args, extra):
-        cli._load_config(args.config, cli._split_overrides(extra))
+        cli_commands.load_config(args.config, cli_commands.split_overrides(extra))
         return 0
 
     out, err = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("_cmd_sample", "_cmd_eval", "_cmd_data"):
-            mp.setattr(cli, name, lambda args: 0)
-        mp.setattr(cli, "_cmd_train", train_stub)
+        for name in ("sample", "eval_", "data"):
+            mp.setattr(cli_commands, name, lambda args: 0)
+        mp.setattr(cli_commands, "train", train_stub)
         mp.chdir(REPO)
         mp.delenv("JVDM_DEBUG", raising=False)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -306,15 +306,19 @@ def test_two_processes_match_one(runs, tmp_path):
     assert gap < PARAM_REL_TOL and bpd_gap < BPD_ATOL
 
 
-def test_nonfinite_update_is_skipped_and_counted(key):
-    config = tiny()
+def one_step_setup(key):
+    """``(mesh, fresh tiny state, one batch, train key)``, all on the mesh, for single steps."""
     mesh = parallel.make_mesh()
-    clean = state_lib.create_train_state(config, key, mesh=mesh)
+    clean = state_lib.create_train_state(tiny(), key, mesh=mesh)
     images = data_lib.make_train_loader(
         "mnist_subset", global_batch_size=8, seed=0, num_threads=0
     ).batch(0)["image"]
     batch = {"image": parallel.shard_batch(images, mesh)}
-    train_key = parallel.replicate(jax.random.key(1), mesh)
+    return mesh, clean, batch, parallel.replicate(jax.random.key(1), mesh)
+
+
+def test_nonfinite_update_is_skipped_and_counted(key):
+    mesh, clean, batch, train_key = one_step_setup(key)
     reference = host(clean)
 
     # One NaN in one weight makes the loss and every gradient NaN: nothing may change but the
@@ -362,6 +366,41 @@ def test_nonfinite_update_is_skipped_and_counted(key):
     # The warm-up's learning rate is 0 for the first applied update, not for the second.
     assert metrics["lr"] > 0
     assert max_abs_diff(host(state.params), reference.params) > 0
+
+
+def test_an_update_that_would_reverse_the_schedule_is_skipped_and_counted(key):
+    """LearnedGamma's end points are trained parameters, so the step's skip predicate also requires
+    ``gamma_max > gamma_min`` after the update (nn/gamma.py): an update that would leave them
+    crossed is skipped and counted like a non-finite one, although its loss and gradients are
+    finite. (The first update's learning rate is 0, so an update from crossed end points keeps
+    them crossed; from ordered ones it keeps them ordered and is applied.)"""
+    mesh, clean, batch, train_key = one_step_setup(key)
+    ends = host(clean.params.schedule)["params"]
+    lo, hi = float(ends["gamma_min"]), float(ends["gamma_max"])
+    assert lo < hi
+
+    def crossed_end(path, x):
+        name = getattr(path[-1], "key", None)
+        swapped = {"gamma_min": hi, "gamma_max": lo}
+        return x * 0 + swapped[name] if name in swapped else x
+
+    # From a copy: the step donates its state, and `clean` is stepped afterwards.
+    base = jax.tree.map(jnp.copy, clean)
+    crossed = base.replace(
+        params=base.params.replace(
+            schedule=jax.tree_util.tree_map_with_path(crossed_end, base.params.schedule)
+        )
+    )
+    expected = host(crossed)
+    state, metrics = state_lib.train_step(crossed, batch, train_key)
+    metrics = host(metrics)
+    assert metrics["skipped"] == 1 and np.isfinite(metrics["loss"])
+    assert np.isfinite(metrics["grad_norm"])
+    assert (int(state.step), int(state.skipped_total), int(state.skipped_consecutive)) == (1, 1, 1)
+    assert max_abs_diff(host(state.params), expected.params) == 0
+
+    state, metrics = state_lib.train_step(clean, batch, train_key)
+    assert host(metrics)["skipped"] == 0 and int(state.skipped_total) == 0
 
 
 def test_nonfinite_streak_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

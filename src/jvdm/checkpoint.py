@@ -1,14 +1,13 @@
 """Checkpoints with orbax, and the run's configuration next to them.
 
-A work directory holds ``config.json`` (the config of the latest run in it) and
-``checkpoints/<step>`` (orbax ``StandardSave`` of the whole training state). Saves are
+A work directory holds ``checkpoints/<step>`` (orbax ``StandardSave`` of the whole training state)
+next to ``config.json`` (:mod:`jvdm.run_config`, which also compares a resumed run's config with
+the saved one, so that a change of architecture is an error that names the fields). Saves are
 asynchronous: ``save`` returns once the arrays are copied off the accelerator and the files are
 written in the background; :func:`close` (or ``manager.wait_until_finished()``) waits for them.
 
 Restoring takes an *abstract* target (``jax.ShapeDtypeStruct`` leaves carrying the shardings wanted
-now), so a state saved on 4 devices restores onto 1 and vice versa. Before that, the requested
-config is compared with the saved one: a change to the architecture is a ``ValueError`` that names
-the fields, instead of a shape mismatch deep inside orbax.
+now), so a state saved on 4 devices restores onto 1 and vice versa.
 
 Faults lose nothing (see :mod:`jvdm.integrity`): every finished step gets a checksum, which
 :func:`restore_latest` verifies, falling back to the newest good step (with a warning naming the
@@ -21,7 +20,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import json
 import os
 import shutil
 import time
@@ -29,113 +27,23 @@ import warnings
 from typing import Any
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 
 from jvdm import integrity
 from jvdm.errors import JvdmUserError
-from jvdm.run import read_saved_config
-from jvdm.workdir import CHECKPOINT_DIR, CONFIG_FILE
+from jvdm.workdir import CHECKPOINT_DIR
 
 __all__ = [
-    "ARCHITECTURE_FIELDS",
     "CHECKPOINT_DIR",
-    "CONFIG_FILE",
     "CheckpointMismatchError",
     "CheckpointSaveError",
-    "check_config",
     "close",
-    "config_diff",
     "make_manager",
     "poll",
     "restore",
     "restore_latest",
     "save",
-    "save_config",
 ]
-
-
-# Fields that change the shapes of the saved state, or what the saved weights compute. Every other
-# field (train.steps, the optimizer, eval settings, ...) may change when a run is resumed.
-ARCHITECTURE_FIELDS = (
-    "data.name",  # the image shape
-    "model.channels",
-    "model.channel_mult",
-    "model.num_res_blocks",
-    "model.attention_resolutions",
-    "model.num_heads",
-    "model.num_groups",
-    "model.use_fourier_features",
-    "model.prediction",
-    "gamma.schedule",
-    "gamma.hidden",
-    "gamma.gamma_min",  # also the denoiser's normalisation of its gamma input
-    "gamma.gamma_max",
-    "gamma.ddpm_timesteps",
-)
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _as_json_dict(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
-    """The config as plain JSON types (tuples become lists), so saved and live configs compare."""
-    tree = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
-    return json.loads(json.dumps(tree, default=str))
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """Writes ``workdir/config.json`` (from process 0 only); returns its path."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(_as_json_dict(config), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)  # atomic: a crash never leaves half a config
-    return path
-
-
-def config_diff(saved: dict[str, Any], config: ml_collections.ConfigDict) -> dict[str, tuple]:
-    """``{field: (saved value, requested value)}`` for every field that differs."""
-    old, new = _flat(_as_json_dict(saved)), _flat(_as_json_dict(config))
-    return {
-        k: (old.get(k), new.get(k))
-        for k in sorted(old.keys() | new.keys())
-        if old.get(k) != new.get(k)
-    }
-
-
-def check_config(config: ml_collections.ConfigDict, workdir: str) -> dict[str, tuple]:
-    """Compares ``config`` with the one saved in ``workdir``.
-
-    Returns:
-      the fields that differ but may (``{field: (saved, requested)}``; empty for a new workdir).
-
-    Raises:
-      ValueError: a field of :data:`ARCHITECTURE_FIELDS` differs, naming every such field.
-    """
-    saved = read_saved_config(workdir)
-    if saved is None:
-        return {}
-    diff = config_diff(saved, config)
-    bad = {k: v for k, v in diff.items() if k in ARCHITECTURE_FIELDS}
-    if bad:
-        changes = "; ".join(f"{k}: saved {a!r}, requested {b!r}" for k, (a, b) in bad.items())
-        raise JvdmUserError(
-            f"the config changes the model of the run in {workdir!r}, so its checkpoints cannot "
-            f"be resumed. Differing fields: {changes}. Use a new --workdir, or restore the "
-            "saved values."
-        )
-    return diff
 
 
 def _is_disk_full(err: BaseException) -> bool:
@@ -356,6 +264,30 @@ def _reject(manager: _Manager, step: int, reason: str) -> str:
     return target
 
 
+_UNVERIFIED = object()  # a step without a checksum, told apart from a restored state
+
+
+def _restore_or_reject(manager: _Manager, step: int, abstract: Any, *, verify: bool, problem: str):
+    """The state at ``step``; ``_UNVERIFIED`` if ``verify`` and it has no checksum; ``None`` after
+    moving a step that fails its checksum or cannot be restored aside, with a warning that says
+    it ``problem``."""
+    try:
+        if verify and not integrity.check_step(manager.step_dir(step)):
+            return _UNVERIFIED
+        return restore(manager, step, abstract)
+    except CheckpointMismatchError:
+        raise
+    except Exception as err:  # corrupt: a checksum mismatch, or orbax cannot read it
+        moved = _reject(manager, step, "corrupt")
+        warnings.warn(
+            f"checkpoint {step} in {manager.directory} {problem} "
+            f"({' '.join(str(err).split())[:300]}); moved to {moved}"
+            + ("; falling back to an older checkpoint" if verify else ""),
+            stacklevel=3,
+        )
+        return None
+
+
 def restore_latest(manager: _Manager, abstract: Any) -> tuple[int | None, Any]:
     """``(step, state)`` of the newest checkpoint that verifies, or ``(None, None)`` if none.
 
@@ -370,53 +302,33 @@ def restore_latest(manager: _Manager, abstract: Any) -> tuple[int | None, Any]:
     """
     unverified = []
     for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            if not integrity.check_step(manager.step_dir(step)):
-                unverified.append(step)
-                continue
-            state = restore(manager, step, abstract)
-        except CheckpointMismatchError:
-            raise
-        except Exception as err:  # corrupt: a checksum mismatch, or orbax cannot read it
-            moved = _reject(manager, step, "corrupt")
-            warnings.warn(
-                f"checkpoint {step} in {manager.directory} is corrupt and was not restored "
-                f"({' '.join(str(err).split())[:300]}); moved to {moved}; falling back to an "
-                "older checkpoint",
-                stacklevel=2,
-            )
-            continue
-        for newer in unverified:
-            moved = _reject(manager, newer, "unverified")
-            warnings.warn(
-                f"checkpoint {newer} in {manager.directory} has no {integrity.CHECKSUM_FILE} "
-                "(its run was killed before the save was verified), so it is not trusted; moved "
-                f"to {moved}; resuming from the verified checkpoint {step}",
-                stacklevel=2,
-            )
-        manager.reload()
-        manager.sealed.update(s for s in manager.all_steps() if s <= step)
-        return step, state
+        problem = "is corrupt and was not restored"
+        state = _restore_or_reject(manager, step, abstract, verify=True, problem=problem)
+        if state is _UNVERIFIED:
+            unverified.append(step)
+        elif state is not None:
+            for newer in unverified:
+                moved = _reject(manager, newer, "unverified")
+                warnings.warn(
+                    f"checkpoint {newer} in {manager.directory} has no {integrity.CHECKSUM_FILE} "
+                    "(its run was killed before the save was verified), so it is not trusted; "
+                    f"moved to {moved}; resuming from the verified checkpoint {step}",
+                    stacklevel=2,
+                )
+            manager.reload()
+            manager.sealed.update(s for s in manager.all_steps() if s <= step)
+            return step, state
     for step in unverified:
-        try:
-            state = restore(manager, step, abstract)
-        except CheckpointMismatchError:
-            raise
-        except Exception as err:
-            moved = _reject(manager, step, "corrupt")
+        problem = "cannot be restored"
+        state = _restore_or_reject(manager, step, abstract, verify=False, problem=problem)
+        if state is not None:
             warnings.warn(
-                f"checkpoint {step} in {manager.directory} cannot be restored "
-                f"({' '.join(str(err).split())[:300]}); moved to {moved}",
+                f"checkpoint {step} in {manager.directory} has no {integrity.CHECKSUM_FILE} and "
+                "no verified checkpoint is older: restoring it unverified",
                 stacklevel=2,
             )
-            continue
-        warnings.warn(
-            f"checkpoint {step} in {manager.directory} has no {integrity.CHECKSUM_FILE} and no "
-            "verified checkpoint is older: restoring it unverified",
-            stacklevel=2,
-        )
-        manager.reload()
-        return step, state
+            manager.reload()
+            return step, state
     manager.reload()
     return None, None
 

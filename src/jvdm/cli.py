@@ -22,21 +22,18 @@ before they import JAX.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
 
+from jvdm import cli_commands, validate
+from jvdm.cli_commands import UsageError
 from jvdm.errors import JvdmUserError
 
-__all__ = ["main"]
+__all__ = ["UsageError", "main"]
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
-
-
-class UsageError(JvdmUserError):
-    """A mistake on the command line, reported in one line with exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,13 +42,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _positive_int(text: str) -> int:
+    """An argparse type; argparse prefixes the option's name to the message."""
     try:
-        value = int(text)
+        value: object = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+        value = text
+    try:
+        return validate.positive_int(value, "value")
+    except JvdmUserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _build_parser() -> _Parser:
@@ -116,154 +115,6 @@ def _build_parser() -> _Parser:
     return parser
 
 
-def _configure_runtime() -> None:
-    """jvdm's measured CPU runtime defaults, for the subcommands that compute; called before they
-    import JAX (``import jvdm`` itself changes no process state)."""
-    from jvdm._xla_defaults import configure_cpu_runtime
-
-    configure_cpu_runtime()
-
-
-def _split_overrides(extra: Sequence[str]) -> list[str]:
-    """``--config.a.b=v``, ``--config.a.b v`` and bare ``a.b=v`` tokens as ``a.b=v`` strings."""
-    overrides, i = [], 0
-    while i < len(extra):
-        token = extra[i]
-        if token.startswith("--config."):
-            body = token.removeprefix("--config.")
-            if "=" not in body:
-                if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
-                    raise UsageError(f"override {token!r} has no value: use {token}=VALUE")
-                body = f"{body}={extra[i + 1]}"
-                i += 1
-            overrides.append(body)
-        elif not token.startswith("-") and "=" in token:
-            overrides.append(token)
-        else:
-            raise UsageError(
-                f"unrecognised argument {token!r}; overrides look like "
-                "--config.section.field=value or section.field=value"
-            )
-        i += 1
-    return overrides
-
-
-def _load_config(spec: str, overrides: Sequence[str]):
-    from jvdm import config as config_lib
-
-    path, arg = spec, None
-    if not os.path.exists(spec) and ":" in spec:
-        path, arg = spec.rsplit(":", 1)
-    # An unknown file is a ValueError whose message lists the experiments of that directory.
-    config = config_lib.load_config_file(path, arg)
-    config = config_lib.apply_overrides(config, overrides)
-    return config_lib.validate(config)
-
-
-def _cmd_train(args, extra) -> int:
-    config = _load_config(args.config, _split_overrides(extra))
-    _configure_runtime()
-    from jvdm import parallel
-    from jvdm.train import train_and_evaluate
-
-    # Multi-host runs (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or a SLURM,
-    # Open MPI or TPU cluster) join here, before any computation; a no-op for one process.
-    parallel.initialize_distributed()
-    result = train_and_evaluate(config, args.workdir)
-    if result:
-        print(json.dumps(result, indent=2, sort_keys=True, default=_json_default))
-    return 0
-
-
-def _json_default(value):
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def _cmd_sample(args) -> int:
-    _configure_runtime()
-    import jax
-
-    from jvdm import run, sampling, viz
-
-    if args.sampler not in sampling.SAMPLERS:
-        raise UsageError(
-            f"--sampler {args.sampler!r}: expected one of {', '.join(sampling.SAMPLERS)}"
-        )
-    params = run.load(args.workdir)
-    images = sampling.sample(
-        params,
-        jax.random.key(args.seed),
-        args.n,
-        steps=args.steps,
-        sampler=args.sampler,
-        eta=args.eta,
-        batch_size=args.batch_size,
-    )
-    out = args.out or os.path.join(run.resolve_checkpoint(args.workdir)[0], "samples.png")
-    viz.save_image_grid(images, out)
-    if args.save_npy:
-        import numpy as np
-
-        np.save(args.save_npy, images)
-    print(
-        json.dumps(
-            {
-                "out": os.fspath(out),
-                "n": args.n,
-                "sampler": args.sampler,
-                "steps": args.steps or sampling.default_steps(params.model, args.sampler),
-            }
-        )
-    )
-    return 0
-
-
-def _cmd_eval(args) -> int:
-    _configure_runtime()
-    import jax
-
-    from jvdm import evaluate, run
-
-    params, config = run.load_with_config(args.workdir)
-    split = args.split or config.data.eval_split
-    if args.images is not None:
-        split = f"{split}[:{args.images}]"  # tfds slicing: the ELBO and the ODE see one subset
-    result = evaluate.evaluate_split(
-        params,
-        dataset=config.data.name,
-        split=split,
-        key=jax.random.key(args.seed),
-        draws=args.draws or config.eval.draws,
-        batch_size=args.batch_size or config.eval.batch_size,
-        steps=args.steps,
-        data_dir=args.data_dir or config.data.data_dir,
-    )
-    result = {"dataset": config.data.name, "split": split, **result}
-    result["summary"] = f"{result['bpd_mean']:.4f} ± {result['bpd_sem']:.4f} bpd (mean ± SEM)"
-    if args.ode:
-        from jvdm import ode
-
-        opts = {k: getattr(args, k) for k in ("probes", "rtol", "atol", "dequantization")}
-        opts.update(split=split, key=jax.random.fold_in(jax.random.key(args.seed), 1))
-        kw = {"batch_size": args.batch_size, "data_dir": args.data_dir or config.data.data_dir}
-        result.update(ode.evaluate_split_ode(params, dataset=config.data.name, **kw, **opts))
-        result["summary"] = ode.side_by_side(result)
-    print(json.dumps(result, indent=2, ensure_ascii=False))
-    return 0
-
-
-def _cmd_score(args) -> int:
-    _configure_runtime()
-    from jvdm import quality
-
-    opts = {k: getattr(args, k) for k in ("n", "sampler", "steps", "seed", "data_dir")}
-    print(json.dumps(quality.score_run(args.workdir, **opts), indent=2, ensure_ascii=False))
-    return 0
-
-
 def _add_data_parser(sub) -> None:
     p = sub.add_parser("data", help="prepare or list datasets")
     data_sub = p.add_subparsers(dest="data_command", metavar="{prepare,list}", parser_class=_Parser)
@@ -307,38 +158,6 @@ def _add_data_parser(sub) -> None:
     q.add_argument("--data-dir", default=None)
 
 
-def _cmd_data(args) -> int:
-    # jvdm.datasets, not jvdm.data: listing needs neither grain nor JAX.
-    from jvdm import datasets
-
-    if args.data_command == "prepare":
-        if args.images is not None:
-            if args.source is not None or args.skip_checksum:
-                raise UsageError("--images makes a dataset from a folder; it takes no --from")
-            path = datasets.prepare_images(
-                args.name,
-                args.images,
-                args.data_dir,
-                size=args.size,
-                grayscale=args.grayscale,
-                test_fraction=args.test_fraction,
-            )
-        else:
-            path = datasets.prepare(
-                args.name, args.data_dir, source=args.source, skip_checksum=args.skip_checksum
-            )
-        print(f"{args.name}: prepared in {path}")
-        return 0
-    if args.data_command == "list":
-        print(f"data dir: {datasets.get_data_dir(args.data_dir)}")
-        for name, is_prepared, shape in datasets.list_datasets(args.data_dir):
-            status = "prepared" if is_prepared else "not prepared"
-            note = datasets.describe(name, args.data_dir)
-            print(f"  {name:<15} {'x'.join(map(str, shape)):<8} {status:<13} {note}")
-        return 0
-    raise UsageError("`jvdm data` needs a subcommand: prepare NAME or list")
-
-
 def _run(argv: Sequence[str]) -> int:
     parser = _build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -351,14 +170,14 @@ def _run(argv: Sequence[str]) -> int:
             f"unrecognised arguments: {' '.join(extra)} (see `jvdm {args.command} --help`)"
         )
     if args.command == "train":
-        return _cmd_train(args, extra)
+        return cli_commands.train(args, extra)
     if args.command == "sample":
-        return _cmd_sample(args)
+        return cli_commands.sample(args)
     if args.command == "eval":
-        return _cmd_eval(args)
+        return cli_commands.eval_(args)
     if args.command == "score":
-        return _cmd_score(args)
-    return _cmd_data(args)
+        return cli_commands.score(args)
+    return cli_commands.data(args)
 
 
 def _one_line(err: BaseException) -> str:

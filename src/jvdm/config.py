@@ -20,11 +20,11 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from jvdm import validate as checks
 from jvdm.errors import JvdmUserError
 
 PREDICTIONS = ("eps", "x0", "v")
 SCHEDULES = ("learned", "linear", "cosine", "ddpm")
-SAMPLERS = ("ancestral", "ddim", "dpm_solver")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -63,6 +63,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.gamma.use_variance_gradient = True
     c.gamma.ddpm_timesteps = 1000
 
+    _add_training_sections(c)
+    c.lock()
+    return c
+
+
+def _add_training_sections(c: ml_collections.ConfigDict) -> None:
+    """The ``optimizer``, ``train`` and ``eval`` sections of :func:`base_config`."""
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 2e-3
     c.optimizer.warmup_steps = 100
@@ -100,9 +107,6 @@ def base_config() -> ml_collections.ConfigDict:
     # classifier is trained once per dataset and cached in the data directory).
     c.eval.use_quality = True
 
-    c.lock()
-    return c
-
 
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks a config's values once; raises ``ValueError`` naming the bad field."""
@@ -125,12 +129,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(m.timesteps >= 0, "model.timesteps", m.timesteps, "0 (continuous) or a positive T")
     need(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "float32 or bfloat16")
     need(g.schedule in SCHEDULES, "gamma.schedule", g.schedule, f"one of {SCHEDULES}")
-    need(
-        g.gamma_min < g.gamma_max,
-        "gamma.gamma_min",
-        g.gamma_min,
-        f"must be below gamma.gamma_max={g.gamma_max}",
-    )
+    checks.check_gamma_order(g.gamma_min, g.gamma_max, "config.gamma.")
     need(g.hidden > 0, "gamma.hidden", g.hidden, "must be positive")
     need(o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "must be positive")
     need(o.warmup_steps >= 0, "optimizer.warmup_steps", o.warmup_steps, "must be >= 0")
@@ -150,7 +149,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     )
     need(e.batch_size > 0, "eval.batch_size", e.batch_size, "must be positive")
     need(e.draws > 0, "eval.draws", e.draws, "must be positive")
-    need(e.sampler in SAMPLERS, "eval.sampler", e.sampler, f"one of {SAMPLERS}")
+    checks.check_sampler(e.sampler, "config.eval.sampler")
     need(e.sample_steps > 0, "eval.sample_steps", e.sample_steps, "must be positive")
     return c
 

@@ -14,60 +14,35 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jvdm import model as model_lib
+from jvdm import parallel, validate
 from jvdm.errors import JvdmUserError
 
 __all__ = ["TERMS", "bpd", "evaluate_split"]
 
 TERMS = ("bpd", "recon_bpd", "prior_bpd", "diffusion_bpd")
 
-# (batch shape, timesteps, draws) -> number of traces; tests read it to assert one compilation.
-TRACE_COUNTS: dict[Any, int] = {}
-
 
 def _check_steps(steps) -> int | None:
     if steps is None:
         return None
-    if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps <= 0:
-        raise JvdmUserError(
-            f"steps={steps!r}; expected a positive number of discrete steps T, or None for the "
-            "model's own bound"
-        )
-    return int(steps)
-
-
-def _check_draws(draws) -> int:
-    if isinstance(draws, bool) or not isinstance(draws, int | np.integer) or draws <= 0:
-        raise JvdmUserError(f"draws={draws!r}; expected a positive integer")
-    return int(draws)
-
-
-def _check_images(model: model_lib.VDM, images) -> None:
-    shape = getattr(images, "shape", None)
-    dtype = getattr(images, "dtype", None)
-    expected = f"uint8 [B, {', '.join(map(str, model.image_shape))}] (pixel values 0..255)"
-    if shape is None or dtype is None:
-        raise JvdmUserError(f"images must be an array, {expected}; got {type(images)}")
-    if len(shape) != 4 or tuple(shape[1:]) != tuple(model.image_shape) or shape[0] < 1:
-        raise JvdmUserError(f"images have shape {tuple(shape)}; expected {expected}")
-    if dtype != np.uint8:
-        raise JvdmUserError(
-            f"images have dtype {dtype}; expected {expected}. Pass the raw 8-bit images, not "
-            "scaled floats"
-        )
+    return validate.positive_int(
+        steps, "steps", " number of discrete steps T, or None for the model's own bound"
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("timesteps", "draws"))
 def _bpd_batch(params, images, key, *, timesteps, draws):
-    sig = (images.shape, timesteps, draws, params.model)
-    TRACE_COUNTS[sig] = TRACE_COUNTS.get(sig, 0) + 1
+    return _bpd_draws(params, images, key, timesteps=timesteps, draws=draws)
+
+
+def _bpd_draws(params, images, key, *, timesteps, draws):
+    """The traced body of :func:`_bpd_batch`: ``draws`` bounds per image, their mean and SEM."""
 
     def one_draw(d):
         return model_lib.loss_terms(
@@ -107,22 +82,11 @@ def bpd(
     Raises:
       ValueError: images of the wrong shape or dtype, ``steps <= 0`` or ``draws <= 0``.
     """
-    if not isinstance(params, model_lib.VDMParams):
-        raise JvdmUserError(f"params must be a jvdm VDMParams; got {type(params)}")
-    _check_images(params.model, images)
+    validate.check_params(params, model_lib.VDMParams)
+    validate.check_images(images, params.model.image_shape)
     steps = _check_steps(steps)
-    draws = _check_draws(draws)
+    draws = validate.positive_int(draws, "draws")
     return _bpd_batch(params, jnp.asarray(images), key, timesteps=steps, draws=draws)
-
-
-def _batch_layout(batch_size: int):
-    """``(padded batch size, sharding)``: a local batch of at least one image per device is padded
-    (with masked rows) to a multiple of the local device count and sharded on the batch axis."""
-    devices = jax.local_devices()
-    if len(devices) < 2 or batch_size < len(devices):
-        return batch_size, None
-    padded = -(-batch_size // len(devices)) * len(devices)
-    return padded, NamedSharding(Mesh(np.array(devices), ("data",)), PartitionSpec("data"))
 
 
 def _gather(values: np.ndarray) -> np.ndarray:
@@ -132,6 +96,32 @@ def _gather(values: np.ndarray) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(values, tiled=True))
+
+
+def _per_image_terms(params, loader, key, *, steps, draws) -> dict[str, list[np.ndarray]]:
+    """``{term: [per-image values of each batch]}`` over this process's batches, float64, the
+    padding rows masked out. Batch ``b`` uses ``fold_in(key, b)``; one program for all batches."""
+    padded, sharding = parallel.local_batch_layout(loader.local_batch_size)
+    if sharding is not None:
+        params = jax.device_put(params, parallel.replicated_sharding(sharding.mesh))
+    else:
+        # One local device; parameters replicated over a mesh would run the program on each.
+        params = jax.device_put(params, jax.local_devices()[0])
+    per_term: dict[str, list[np.ndarray]] = {k: [] for k in TERMS}
+    for b, batch in enumerate(loader):
+        images = batch["image"]
+        validate.check_images(images, params.model.image_shape)
+        mask = np.asarray(batch["mask"], bool)
+        if padded != images.shape[0]:
+            extra = padded - images.shape[0]
+            images = np.concatenate([images, np.zeros((extra, *images.shape[1:]), images.dtype)])
+            mask = np.concatenate([mask, np.zeros((extra,), bool)])
+        if sharding is not None:
+            images = jax.device_put(images, sharding)
+        out = _bpd_batch(params, images, jax.random.fold_in(key, b), timesteps=steps, draws=draws)
+        for k in TERMS:
+            per_term[k].append(np.asarray(out[k], np.float64)[mask])
+    return per_term
 
 
 def evaluate_split(
@@ -165,12 +155,10 @@ def evaluate_split(
     """
     from jvdm import data as data_lib  # local: keeps the maths importable without tfds
 
-    if not isinstance(params, model_lib.VDMParams):
-        raise JvdmUserError(f"params must be a jvdm VDMParams; got {type(params)}")
+    validate.check_params(params, model_lib.VDMParams)
     steps = _check_steps(steps)
-    draws = _check_draws(draws)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise JvdmUserError(f"batch_size={batch_size!r}; expected a positive integer")
+    draws = validate.positive_int(draws, "draws")
+    batch_size = validate.positive_int(batch_size, "batch_size")
     loader = data_lib.make_eval_loader(
         dataset,
         split=split,
@@ -179,41 +167,20 @@ def evaluate_split(
         process_count=jax.process_count(),
         data_dir=data_dir,
     )
-    padded, sharding = _batch_layout(loader.local_batch_size)
-    if sharding is not None:
-        params = jax.device_put(params, NamedSharding(sharding.mesh, PartitionSpec()))
-    else:
-        # One local device; parameters replicated over a mesh would run the program on each.
-        params = jax.device_put(params, jax.local_devices()[0])
-    per_term: dict[str, list[np.ndarray]] = {k: [] for k in TERMS}
     if jax.process_count() > 1:
         # Each process holds different images: give each its own noise (the same key would draw
         # the same noise for row i of every process, correlating the Monte Carlo estimates).
         key = jax.random.fold_in(key, jax.process_index())
-    for b, batch in enumerate(loader):
-        images = batch["image"]
-        _check_images(params.model, images)
-        mask = np.asarray(batch["mask"], bool)
-        if padded != images.shape[0]:
-            extra = padded - images.shape[0]
-            images = np.concatenate([images, np.zeros((extra, *images.shape[1:]), images.dtype)])
-            mask = np.concatenate([mask, np.zeros((extra,), bool)])
-        if sharding is not None:
-            images = jax.device_put(images, sharding)
-        out = _bpd_batch(params, images, jax.random.fold_in(key, b), timesteps=steps, draws=draws)
-        for k in TERMS:
-            per_term[k].append(np.asarray(out[k], np.float64)[mask])
+    per_term = _per_image_terms(params, loader, key, steps=steps, draws=draws)
     values = {k: _gather(np.concatenate(v)) for k, v in per_term.items()}
-    n = int(values["bpd"].shape[0])
-    if n == 0:
+    if values["bpd"].shape[0] == 0:
         raise JvdmUserError(f"split {split!r} of dataset {dataset!r} holds no images")
+    return {**_statistics(values), "draws": draws}
+
+
+def _statistics(values: dict[str, np.ndarray]) -> dict[str, float]:
+    """The means over images, the bpd's standard error over images, and their number."""
+    n = int(values["bpd"].shape[0])
     sem = float(np.std(values["bpd"], ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-    return {
-        "bpd_mean": float(np.mean(values["bpd"])),
-        "bpd_sem": sem,
-        "recon_bpd": float(np.mean(values["recon_bpd"])),
-        "prior_bpd": float(np.mean(values["prior_bpd"])),
-        "diffusion_bpd": float(np.mean(values["diffusion_bpd"])),
-        "num_images": n,
-        "draws": draws,
-    }
+    means = {k: float(np.mean(values[k])) for k in ("recon_bpd", "prior_bpd", "diffusion_bpd")}
+    return {"bpd_mean": float(np.mean(values["bpd"])), "bpd_sem": sem, **means, "num_images": n}

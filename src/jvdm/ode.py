@@ -56,7 +56,7 @@ import jax
 import numpy as np
 
 from jvdm import model as model_lib
-from jvdm import ode_flow, parallel
+from jvdm import ode_flow, parallel, validate
 from jvdm.errors import JvdmUserError
 
 __all__ = [
@@ -105,23 +105,14 @@ class OdeLogLikelihood(NamedTuple):
 # Host side: checks, chunks of one shape, global arrays.
 
 
-def _check_positive_int(name, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
-        raise JvdmUserError(f"{name}={value!r}; expected a positive integer")
-    return int(value)
-
-
 def _check_solve(params, solver, rtol, atol, max_steps) -> dict:
-    if not isinstance(params, model_lib.VDMParams):
-        raise JvdmUserError(
-            f"params must be a jvdm VDMParams (from jvdm.load or model.init); got {type(params)}"
-        )
+    validate.check_params(params, model_lib.VDMParams)
     if solver not in SOLVERS:
         raise JvdmUserError(f"solver={solver!r}; expected one of {SOLVERS}")
     for name, tol in (("rtol", rtol), ("atol", atol)):
         if not (isinstance(tol, int | float) and math.isfinite(tol) and 0.0 < tol < 1.0):
             raise JvdmUserError(f"{name}={tol!r}; expected a tolerance with 0 < {name} < 1")
-    max_steps = _check_positive_int("max_steps", max_steps)
+    max_steps = validate.positive_int(max_steps, "max_steps")
     return {"solver": solver, "rtol": float(rtol), "atol": float(atol), "max_steps": max_steps}
 
 
@@ -201,13 +192,11 @@ def ode_bpd(
     References: Zheng et al. 2023 (arXiv 2305.03935), sec. 4; Song et al. 2021, appendix D.
     """
     solve = _check_solve(params, solver, rtol, atol, max_steps)
-    from jvdm import evaluate  # the one home of the image checks
-
-    evaluate._check_images(params.model, images)
+    validate.check_images(images, params.model.image_shape)
     if dequantization not in DEQUANTIZATIONS:
         raise JvdmUserError(f"dequantization={dequantization!r}; expected one of {DEQUANTIZATIONS}")
-    probes = _check_positive_int("probes", probes)
-    batch_size = _check_positive_int("batch_size", batch_size or DEFAULT_BATCH_SIZE)
+    probes = validate.positive_int(probes, "probes")
+    batch_size = validate.positive_int(batch_size or DEFAULT_BATCH_SIZE, "batch_size")
     images = np.asarray(images)
     results = _chunks(
         ode_flow.bpd_chunk,
@@ -246,8 +235,8 @@ def ode_log_likelihood(
     """
     solve = _check_solve(params, solver, rtol, atol, max_steps)
     z_0 = _check_latents(params, z_0)
-    solve["probes"] = _check_positive_int("probes", probes)
-    batch_size = _check_positive_int("batch_size", batch_size or DEFAULT_BATCH_SIZE)
+    solve["probes"] = validate.positive_int(probes, "probes")
+    batch_size = validate.positive_int(batch_size or DEFAULT_BATCH_SIZE, "batch_size")
     results = _chunks(
         ode_flow.loglik_chunk, params, z_0, key, batch_size=batch_size, exact=bool(exact), **solve
     )
@@ -262,7 +251,7 @@ def ode_log_likelihood(
 def _flow(params, z, *, up, rtol=1e-5, atol=1e-5, solver="tsit5", max_steps=4096, batch_size=None):
     solve = _check_solve(params, solver, rtol, atol, max_steps)
     z = _check_latents(params, z)
-    batch_size = _check_positive_int("batch_size", batch_size or DEFAULT_BATCH_SIZE)
+    batch_size = validate.positive_int(batch_size or DEFAULT_BATCH_SIZE, "batch_size")
     results = _chunks(ode_flow.flow_chunk, params, z, None, batch_size=batch_size, up=up, **solve)
     _raise_unless_ok([r[2] for _, r in results], max_steps)
     return np.concatenate([np.asarray(r[0])[:m] for m, r in results])

@@ -28,6 +28,7 @@ __all__ = [
     "batch_sharding",
     "check_batch_size",
     "initialize_distributed",
+    "local_batch_layout",
     "local_copy",
     "make_mesh",
     "replicate",
@@ -116,6 +117,20 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """The leading (batch) axis split over ``'data'``."""
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def local_batch_layout(batch_size: int) -> tuple[int, NamedSharding | None]:
+    """``(padded, sharding)`` for a per-process batch of ``batch_size`` on this process's devices.
+
+    A batch of at least one row per local device is padded up to a multiple of their count (at most
+    ``devices - 1`` extra rows, which the caller masks or drops) and sharded on the batch axis of a
+    mesh of the local devices; a smaller one (or a single device) runs unsharded (``None``).
+    """
+    devices = jax.local_devices()
+    if len(devices) < 2 or batch_size < len(devices):
+        return batch_size, None
+    padded = -(-batch_size // len(devices)) * len(devices)
+    return padded, batch_sharding(make_mesh(devices))
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh, *, grad_accum_steps: int = 1) -> None:

@@ -1,30 +1,7 @@
-r"""Samplers for a trained VDM: ancestral, DDIM and DPM-Solver++(2M), each one compiled program.
+r"""Drawing images from a trained VDM: ``sample`` and ``sample_latents``, each one compiled program.
 
-All three walk a grid of noise levels from ``t = 1`` down to ``t = 0`` and then decode ``z_0`` into
-8-bit pixels through the model's 256-value decoder. They are written in ``gamma = -log SNR`` form
-(``alpha^2 = sigmoid(-gamma)``, ``sigma^2 = sigmoid(gamma)``), which is all a VDM exposes: the
-denoiser is conditioned on ``gamma`` (not on ``t``), so any noise level in
-``[gamma(0), gamma(1)]`` can be visited directly, whatever the (learned, monotone) schedule.
-
-* ``"ancestral"`` -- the model's own generative process: ``z_s ~ p(z_s | z_t) =
-  q(z_s | z_t, x = x0_hat)`` on the time grid ``t_i = i / steps`` (``steps = T`` by default for a
-  discrete-time model, whose bound is exactly this process). With ``c = 1 - SNR(t)/SNR(s) =
-  -expm1(gamma_s - gamma_t)`` the posterior is
-  ``mean = (alpha_s / alpha_t)(z_t - c sigma_t eps_hat)``, ``var = c sigma_s^2`` (VDM eq. 32-33,
-  appendix A.4). ``-expm1`` keeps ``c`` exact for adjacent steps, where ``1 - ratio`` would cancel.
-* ``"ddim"`` -- ``z_s = alpha_s x0_hat + sigma_s sqrt(1 - eta^2 c) eps_hat + eta sigma_s sqrt(c) n``
-  (Song et al. 2021, eq. 12 in VDM notation): ``eta = 0`` is deterministic (the first-order
-  exponential integrator of the probability-flow ODE), ``eta = 1`` is the ancestral step.
-* ``"dpm_solver"`` -- DPM-Solver++(2M), data prediction, multistep (Lu et al. 2022b, Algorithm 2):
-  with ``lambda = -gamma / 2 = log(alpha / sigma)`` and ``h_i = lambda_i - lambda_{i-1}``,
-  ``z_i = (sigma_i / sigma_{i-1}) z_{i-1} - alpha_i expm1(-h_i) D_i`` where ``D_1 = x0_hat_0`` and
-  ``D_i = (1 + 1/(2 r_i)) x0_hat_{i-1} - 1/(2 r_i) x0_hat_{i-2}``, ``r_i = h_{i-1} / h_i``. As in
-  the reference implementation, the last step is first order when ``steps < 15``.
-
-DDIM and DPM-Solver use a grid uniform in ``lambda`` between the schedule's end points (Lu et al.
-2022a, sec. 3.3). Because the denoiser takes ``gamma``, the samplers never need the times of that
-grid; :func:`sampling_grid` recovers them by bisection on the monotone ``gamma(t)``
-(:func:`time_from_gamma`), for plots and diagnostics.
+The samplers themselves (ancestral, DDIM, DPM-Solver++(2M): their maths, grids and orders) are
+:mod:`jvdm.samplers`; this module runs one over a batch of per-image keys and decodes the result.
 
 Randomness is per image: image ``i`` of ``sample(params, key, n)`` uses ``fold_in(key, i)`` only, so
 it does not depend on ``n``, ``batch_size`` or the number of devices (``sample(key, 8)[:4] ==
@@ -38,14 +15,11 @@ is drawn by the inverse CDF within the likelihood's proven 17-value window
 (:mod:`jvdm.decoder`), in memory of the data's size.
 
 References:
-  Kingma et al., *Variational Diffusion Models* (arXiv 2107.00630), appendix A.4 (ancestral step).
-  Song, Meng, Ermon, *Denoising Diffusion Implicit Models* (arXiv 2010.02502), eq. 12.
-  Lu et al., *DPM-Solver++* (arXiv 2211.01095), Algorithm 2; *DPM-Solver* (arXiv 2206.00927).
+  Kingma et al., *Variational Diffusion Models* (arXiv 2107.00630), appendix A.4 and eq. 3.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import math
 import numbers
@@ -53,115 +27,56 @@ import numbers
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jvdm import decoder
+from jvdm import decoder, parallel, validate
 from jvdm import model as model_lib
 from jvdm.errors import JvdmUserError
+from jvdm.samplers import SAMPLERS, gamma_grid, run, time_from_gamma
 
 __all__ = [
-    "SAMPLERS",
     "default_steps",
     "sample",
     "sample_latents",
     "sampling_grid",
-    "time_from_gamma",
 ]
 
-SAMPLERS = ("ancestral", "ddim", "dpm_solver")
 DEFAULT_CONTINUOUS_STEPS = 1000
 DEFAULT_FAST_STEPS = 50
 DEFAULT_BATCH_SIZE = 256
-_BISECTION_ITERS = 40  # halves [0, 1] to 1e-12, below float32 resolution
-_LOWER_ORDER_FINAL_BELOW = 15  # DPM-Solver++ reference: first-order last step for short runs
-
-# (sampler, steps, chunk, decode) -> number of traces; tests read it to assert one compilation.
-TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
 def default_steps(model: model_lib.VDM, sampler: str) -> int:
     """The step count used when ``steps=None``: ``T`` for ancestral sampling of a discrete-time
     model, 1000 for continuous-time ancestral sampling, 50 for DDIM and DPM-Solver."""
-    if sampler == "ancestral":
+    if SAMPLERS[validate.check_sampler(sampler)].grid == "time":
         return model.timesteps if model.timesteps > 0 else DEFAULT_CONTINUOUS_STEPS
     return DEFAULT_FAST_STEPS
 
 
 def _check_args(params, n, steps, sampler, eta, batch_size) -> tuple[int, int]:
-    if not isinstance(params, model_lib.VDMParams):
-        raise JvdmUserError(
-            f"params must be a jvdm VDMParams (from jvdm.load or model.init); got {type(params)}"
-        )
-    if sampler not in SAMPLERS:
-        raise JvdmUserError(f"sampler={sampler!r}; expected one of {SAMPLERS}")
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n <= 0:
-        raise JvdmUserError(f"n={n!r}; expected a positive integer number of images")
+    validate.check_params(params, model_lib.VDMParams)
+    validate.check_sampler(sampler)
+    validate.positive_int(n, "n", " number of images")
     if steps is None:
         steps = default_steps(params.model, sampler)
-    if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps <= 0:
-        raise JvdmUserError(
-            f"steps={steps!r}; expected a positive integer (or None for the default)"
-        )
+    steps = validate.positive_int(steps, "steps", " (or None for the default)")
     is_real = isinstance(eta, numbers.Real) and not isinstance(eta, bool)
     if not (is_real and math.isfinite(eta) and 0.0 <= eta <= 1.0):
         raise JvdmUserError(f"eta={eta!r}; expected a number with 0 <= eta <= 1")
     if eta != 0.0 and sampler != "ddim":
         raise JvdmUserError(f"eta={eta!r} applies only to sampler='ddim'; got sampler={sampler!r}")
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, int | np.integer)
-        or batch_size <= 0
-    ):
-        raise JvdmUserError(f"batch_size={batch_size!r}; expected a positive integer (or None)")
-    return int(steps), int(batch_size)
+    return steps, validate.positive_int(batch_size, "batch_size", " (or None)")
 
 
 # ------------------------------------------------------------------------------------------------
 # Grids.
 
 
-def _gamma_grid(params, steps: int, sampler: str) -> jax.Array:
-    """``gamma`` at the ``steps + 1`` grid points, from ``t = 1`` (first) to ``t = 0`` (last)."""
-    i = jnp.arange(steps + 1, dtype=jnp.float32)
-    if sampler == "ancestral":
-        # t_i = 1 - i/steps, written so that the end points are exactly 1 and 0.
-        t = (steps - i) / steps
-        return model_lib.gamma(params, t)
-    # Uniform in lambda = -gamma/2 between the end points, which pins them exactly.
-    g_ends = model_lib.gamma(params, jnp.array([0.0, 1.0], jnp.float32))
-    u = i / steps
-    return (1.0 - u) * g_ends[1] + u * g_ends[0]
-
-
-def time_from_gamma(params, g: jax.Array, *, iters: int = _BISECTION_ITERS) -> jax.Array:
-    """``t = gamma^{-1}(g)`` elementwise, by bisection on the increasing schedule.
-
-    A fixed number of vectorised iterations (a ``fori_loop``, so it compiles into the caller's
-    program). Values outside ``[gamma(0), gamma(1)]`` clip to ``t = 0`` or ``1``.
-
-    Args:
-      params: the model's parameters.
-      g: target values of ``gamma``, any shape.
-      iters: bisection steps; the bracket shrinks to ``2^-iters``.
-    """
-    g = jnp.asarray(g, jnp.float32)
-    lo, hi = jnp.zeros_like(g), jnp.ones_like(g)
-
-    def body(_, bracket):
-        lo, hi = bracket
-        mid = 0.5 * (lo + hi)
-        below = model_lib.gamma(params, mid) < g
-        return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
-
-    lo, hi = jax.lax.fori_loop(0, iters, body, (lo, hi))
-    return 0.5 * (lo + hi)
-
-
-@functools.partial(jax.jit, static_argnames=("steps", "sampler"))
-def _grid_jit(params, *, steps: int, sampler: str):
-    g = _gamma_grid(params, steps, sampler)
-    if sampler == "ancestral":
+@functools.partial(jax.jit, static_argnames=("steps", "grid"))
+def _grid_jit(params, *, steps: int, grid: str):
+    g = gamma_grid(params, steps, grid)
+    if grid == "time":
         i = jnp.arange(steps + 1, dtype=jnp.float32)
         return (steps - i) / steps, g
     t = time_from_gamma(params, g)
@@ -175,59 +90,8 @@ def sampling_grid(params, steps: int | None = None, sampler: str = "ancestral"):
     :func:`time_from_gamma`; the samplers themselves use only ``gamma``.
     """
     steps, _ = _check_args(params, 1, steps, sampler, 0.0, None)
-    t, g = _grid_jit(params, steps=steps, sampler=sampler)
+    t, g = _grid_jit(params, steps=steps, grid=SAMPLERS[sampler].grid)
     return np.asarray(t), np.asarray(g)
-
-
-# ------------------------------------------------------------------------------------------------
-# Steps. z: [B, H, W, C]; gamma values are scalars shared by the batch.
-
-
-def _alpha_sigma(g):
-    # sigmoid(-g) and sigmoid(g) are each accurate to full relative precision; 1 - sigmoid is not.
-    return jnp.sqrt(jax.nn.sigmoid(-g)), jnp.sqrt(jax.nn.sigmoid(g))
-
-
-def _ancestral_step(params, z, g_t, g_s, noise):
-    """``z_s ~ q(z_s | z_t, x = x0_hat)``: VDM's sampler, in the stable gamma form."""
-    eps_hat, _ = model_lib.predict_eps_x0(params, z, g_t)
-    _, sigma_t = _alpha_sigma(g_t)
-    c = -jnp.expm1(g_s - g_t)  # 1 - SNR(t)/SNR(s), exact even when g_s ~ g_t
-    # alpha_s / alpha_t as exp of a log-ratio: both factors are accurate, their ratio is too.
-    ratio = jnp.exp(0.5 * (jax.nn.log_sigmoid(-g_s) - jax.nn.log_sigmoid(-g_t)))
-    std = jnp.sqrt(c * jax.nn.sigmoid(g_s))
-    return ratio * (z - c * sigma_t * eps_hat) + std * noise
-
-
-def _ddim_step(params, z, g_t, g_s, noise, eta):
-    """DDIM with stochasticity ``eta``; ``eta = 1`` reproduces :func:`_ancestral_step`."""
-    eps_hat, x0_hat = model_lib.predict_eps_x0(params, z, g_t)
-    alpha_s, sigma_s = _alpha_sigma(g_s)
-    c = -jnp.expm1(g_s - g_t)
-    keep = jnp.sqrt(jnp.maximum(1.0 - eta * eta * c, 0.0))
-    return alpha_s * x0_hat + sigma_s * keep * eps_hat + (eta * sigma_s * jnp.sqrt(c)) * noise
-
-
-def _dpm_step(params, z, g_t, g_s, g_prev, x0_prev, i, steps):
-    """One DPM-Solver++(2M) step from ``g_t`` to ``g_s``; ``g_prev, x0_prev`` from the step before.
-
-    Returns ``(z_s, x0_hat_t)``.
-    """
-    _, x0_hat = model_lib.predict_eps_x0(params, z, g_t)
-    h = 0.5 * (g_t - g_s)  # lambda_s - lambda_t > 0
-    h_prev = 0.5 * (g_prev - g_t)
-    r = h_prev / h
-    use_first_order = i == 0
-    if steps < _LOWER_ORDER_FINAL_BELOW:
-        use_first_order = use_first_order | (i == steps - 1)
-    # r > 0 everywhere it is used; the where() keeps the unused branch finite at i = 0.
-    safe_r = jnp.where(use_first_order, 1.0, r)
-    d2 = (1.0 + 0.5 / safe_r) * x0_hat - (0.5 / safe_r) * x0_prev
-    d = jnp.where(use_first_order, x0_hat, d2)
-    alpha_s, _ = _alpha_sigma(g_s)
-    sigma_ratio = jnp.exp(0.5 * (jax.nn.log_sigmoid(g_s) - jax.nn.log_sigmoid(g_t)))
-    # -alpha_s (e^{-h} - 1) = -alpha_s expm1(-h): accurate for the small h of many steps.
-    return sigma_ratio * z - (alpha_s * jnp.expm1(-h)) * d, x0_hat
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,32 +106,11 @@ def _per_image_normal(keys, shape, tag):
 def _run_chain(params, keys, eta, *, steps, sampler):
     """``z_0`` for a batch of per-image keys ``[B]``."""
     shape = params.model.image_shape
-    g = _gamma_grid(params, steps, sampler)
+    spec = SAMPLERS[sampler]
+    g = gamma_grid(params, steps, spec.grid)
     z = _per_image_normal(keys, shape, 0)  # z_1 ~ N(0, I), the prior
-    step_index = jnp.arange(steps)
-    g_t, g_s = g[:-1], g[1:]
-
-    if sampler == "dpm_solver":
-        g_prev = jnp.concatenate([g[:1], g[:-2]])  # unused at i = 0
-
-        def body(carry, xs):
-            z, x0_prev = carry
-            i, gt, gs, gp = xs
-            z, x0 = _dpm_step(params, z, gt, gs, gp, x0_prev, i, steps)
-            return (z, x0), None
-
-        (z, _), _ = jax.lax.scan(body, (z, jnp.zeros_like(z)), (step_index, g_t, g_s, g_prev))
-        return z
-
-    def body(z, xs):
-        i, gt, gs = xs
-        noise = _per_image_normal(keys, shape, i + 1)
-        if sampler == "ancestral":
-            return _ancestral_step(params, z, gt, gs, noise), None
-        return _ddim_step(params, z, gt, gs, noise, eta), None
-
-    z, _ = jax.lax.scan(body, z, (step_index, g_t, g_s))
-    return z
+    noise_fn = (lambda i: _per_image_normal(keys, shape, i + 1)) if spec.uses_noise else None
+    return run(params, spec, z, g, eta, noise_fn)
 
 
 def _decode(params, z_0, keys, steps):
@@ -286,38 +129,28 @@ def _decode(params, z_0, keys, steps):
     return decoder.decoder_sample(u, z_0, g_0, model.vocab_size).astype(jnp.uint8)
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "sampler", "decode", "sharding"))
-def _sample_chunk(params, key, indices, eta, *, steps, sampler, decode, sharding):
-    TRACE_COUNTS[(sampler, steps, indices.shape[0], decode)] += 1
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, indices)
-    if sharding is not None:
-        keys = jax.lax.with_sharding_constraint(keys, sharding)
+def _generate(params, keys, eta, *, steps, sampler, decode):
+    """The traced body of one chunk: the chain, then the decoder (or the latents)."""
     z_0 = _run_chain(params, keys, eta, steps=steps, sampler=sampler)
     return _decode(params, z_0, keys, steps) if decode else z_0
 
 
-def _chunking(n: int, batch_size: int):
-    """``(chunk, sharding)``: images per compiled call, and their sharding over the local devices.
-
-    A chunk of at least one image per device is rounded up to a multiple of the device count (at
-    most ``devices - 1`` extra images, discarded) and sharded on the batch axis; a smaller one
-    runs on one device.
-    """
-    chunk = min(n, batch_size)
-    devices = jax.local_devices()
-    if len(devices) < 2 or chunk < len(devices):
-        return chunk, None
-    chunk = -(-chunk // len(devices)) * len(devices)
-    mesh = Mesh(np.array(devices), ("data",))
-    return chunk, NamedSharding(mesh, PartitionSpec("data"))
+@functools.partial(jax.jit, static_argnames=("steps", "sampler", "decode", "sharding"))
+def _sample_chunk(params, key, indices, eta, *, steps, sampler, decode, sharding):
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, indices)
+    if sharding is not None:
+        keys = jax.lax.with_sharding_constraint(keys, sharding)
+    return _generate(params, keys, eta, steps=steps, sampler=sampler, decode=decode)
 
 
 def _sample(params, key, n, *, steps, sampler, eta, batch_size, decode) -> np.ndarray:
     steps, batch_size = _check_args(params, n, steps, sampler, eta, batch_size)
-    chunk, sharding = _chunking(n, batch_size)
+    # A chunk of at least one image per device is rounded up to a multiple of the device count (at
+    # most ``devices - 1`` extra images, discarded) and sharded on the batch axis.
+    chunk, sharding = parallel.local_batch_layout(min(n, batch_size))
     if sharding is not None:
         # Replicate the parameters on the mesh once, not per chunk.
-        replicated = NamedSharding(sharding.mesh, PartitionSpec())
+        replicated = parallel.replicated_sharding(sharding.mesh)
         params = jax.device_put(params, replicated)
         key = jax.device_put(key, replicated)
     else:

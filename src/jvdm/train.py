@@ -18,11 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -30,11 +26,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jvdm import config as config_lib
-from jvdm import model as model_lib
-from jvdm import parallel, train_log
+from jvdm import parallel, train_log, train_run, validate
 from jvdm import train_state as state_lib
 from jvdm import workdir as workdir_lib
-from jvdm.errors import JvdmUserError
 from jvdm.train_state import TrainState, create_train_state, train_step
 
 __all__ = [
@@ -57,25 +51,13 @@ class NonFiniteError(RuntimeError):
 
 def _check_image_shape(config, image_shape: tuple[int, ...]) -> None:
     """The dataset's images must fit the denoiser that the config describes."""
-    h, w, _ = image_shape
-    factor = 2 ** (len(config.model.channel_mult) - 1)
-    if h % factor or w % factor:
-        raise JvdmUserError(
-            f"dataset {config.data.name!r} has images of shape (H, W, C) = {tuple(image_shape)}, "
-            f"but config.model.channel_mult={tuple(config.model.channel_mult)} halves them "
-            f"{len(config.model.channel_mult) - 1} times: H and W must be multiples of {factor}"
-        )
+    validate.check_sides_divide(
+        image_shape, config.model.channel_mult, f"dataset {config.data.name!r}"
+    )
 
 
-def _check_batch(batch: dict[str, np.ndarray], model: model_lib.VDM, name: str) -> None:
-    image = batch["image"]
-    if image.ndim != 4 or tuple(image.shape[1:]) != tuple(model.image_shape):
-        raise JvdmUserError(
-            f"dataset {name!r} gives images of shape {tuple(image.shape[1:])}, but the model was "
-            f"built for {tuple(model.image_shape)}"
-        )
-    if image.dtype != np.uint8:
-        raise JvdmUserError(f"dataset {name!r} gives {image.dtype} images; expected uint8")
+def _check_batch(batch: dict[str, np.ndarray], image_shape: tuple[int, ...], name: str) -> None:
+    validate.check_images(batch["image"], image_shape, f"the images of dataset {name!r}")
 
 
 def _check_streak(host_metrics: list[dict], done: int, limit: int, manager) -> None:
@@ -87,64 +69,28 @@ def _check_streak(host_metrics: list[dict], done: int, limit: int, manager) -> N
             after = done - len(consecutive) + j + 1  # steps done when the limit was reached
             kept = manager.latest_step()
             raise NonFiniteError(
-                f"{k} consecutive updates had a non-finite loss or gradient (steps "
+                f"{k} consecutive updates had a non-finite loss or gradient, or would have "
+                f"reversed the noise schedule's end points (steps "
                 f"{after - k}..{after - 1}), reaching config.train.max_consecutive_nonfinite="
                 f"{limit}; stopped. The last good checkpoint is kept: "
                 + (f"step {kept} in {manager.directory}" if kept is not None else "none saved")
             )
 
 
-def _preflight(state, batch, train_key, grad_accum_steps, writer, step, mesh) -> None:
+def _preflight(run: train_run.Run, state, batch, step: int) -> None:
     """Compiles the step (the loop's calls then reuse it), prints and logs its parameters, FLOPs
     and memory per device, and raises :class:`jvdm.preflight.StepMemoryError` if a device that
     reports its memory cannot hold it: before any training time is spent."""
     from jvdm import preflight
 
-    lowered = train_step.lower(state, batch, train_key, grad_accum_steps=grad_accum_steps)
+    accum = run.grad_accum_steps
+    lowered = train_step.lower(state, batch, run.train_key, grad_accum_steps=accum)
     costs = preflight.step_costs(lowered.compile(), state.params)
     if jax.process_index() == 0:
         print(preflight.summary_line(costs), flush=True)
-    writer.write(step, {f"setup/{k}": v for k, v in costs.items()})
-    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    preflight.check_fits(costs, local[0], grad_accum_steps=grad_accum_steps)
-
-
-# --------------------------------------------------------------------------------------------
-# Stopping on a signal.
-
-
-class _StopFlag:
-    """A signal handler that records the first SIGTERM/SIGINT; a second SIGINT interrupts."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def __call__(self, signum, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _stop_on_signals(flag: _StopFlag) -> Iterator[None]:
-    previous = {}
-    if threading.current_thread() is threading.main_thread():  # handlers need the main thread
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, flag)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _all_agree(flag: bool) -> bool:
-    """Whether any process has ``flag`` set (every process must call this at the same step)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+    run.writer.write(step, {f"setup/{k}": v for k, v in costs.items()})
+    local = [d for d in run.mesh.devices.flat if d.process_index == jax.process_index()]
+    preflight.check_fits(costs, local[0], grad_accum_steps=accum)
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,63 +171,31 @@ def _train(config, workdir, mesh, step_callback, is_main) -> dict[str, Any]:
     manager = ckpt.make_manager(workdir, keep=t.keep_checkpoints, cleanup_tmp=True)
     writer = None
     try:
-        # Only a run that has a checkpoint to resume is bound to its saved config.
-        has_checkpoint = manager.latest_step() is not None
-        changed = ckpt.check_config(config, workdir) if has_checkpoint else {}
-        model = abstract.params.model
-        init_key, train_key, eval_key = run_keys(t.seed)
-        # The newest checkpoint that verifies; corrupt or unverified newer ones are set aside.
-        start, state = ckpt.restore_latest(manager, abstract)
-        if start is None:
-            start = 0
-            state = create_train_state(config, init_key, mesh=mesh)
-        else:
-            if is_main:
-                notes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-                print(f"resuming {workdir} from step {start}" + (f" ({notes})" if notes else ""))
-        ckpt.save_config(config, workdir)
-        train_key = parallel.replicate(train_key, mesh)
+        init_key, train_key, eval_key = run_keys(t.seed)  # the run's only key derivation
+        start, state = _resume_or_init(config, workdir, manager, abstract, mesh, init_key, is_main)
         writer = train_log.MetricsWriter(workdir, start)
-        result = _loop(
-            config, state, mesh, manager, writer, workdir, start, model, train_key, step_callback
+        run = train_run.Run(
+            workdir=workdir,
+            mesh=mesh,
+            manager=manager,
+            writer=writer,
+            train_key=parallel.replicate(train_key, mesh),
+            eval_key=eval_key,
+            step_callback=step_callback,
+            image_shape=tuple(abstract.params.model.image_shape),
+            **_loop_settings(config),
         )
-        state, done, stopped, last_logged = result
+        state, done, stopped, logged = _loop(run, state, _make_loader(config, mesh, start), start)
         manager.wait_until_finished()
-        latest = manager.latest_step()
-        summary: dict[str, Any] = {
-            "step": done,
-            "stopped_early": stopped,
-            "skipped_total": int(jax.device_get(state.skipped_total)),
-            "train_bpd": last_logged.get("train/bpd", float("nan")),
-            "workdir": workdir,
-            "checkpoint": (
-                None if latest is None else os.path.join(workdir, ckpt.CHECKPOINT_DIR, str(latest))
-            ),
-        }
+        summary = _summary(run, state, done, stopped, logged)
         if stopped or not t.use_final_eval:
             if is_main and stopped:
                 print(f"stopped by a signal at step {done}; checkpoint {summary['checkpoint']}")
             return summary
-        final = train_log.evaluate_and_save(
-            config, state, workdir, done, draws=config.eval.final_draws, key=eval_key
-        )
-        writer.write(done, train_log.eval_scalars(final))
-        summary.update(final, metrics_plot=train_log.plot_curves(workdir))
+        final, metrics_plot = _evaluate(run, state, done, draws=config.eval.final_draws)
+        summary.update(final, metrics_plot=metrics_plot)
         if is_main:
-            print(
-                f"final {config.data.eval_split} bpd: {final['bpd_mean']:.4f} ± "
-                f"{final['bpd_sem']:.4f} (standard error over {final['num_images']} images, "
-                f"{final['draws']} noise draws each)\n"
-                f"  samples:    {final['samples']}\n  gamma(t):   {final['gamma_plot']}\n"
-                f"  bpd curves: {summary['metrics_plot']}\n  checkpoint: {summary['checkpoint']}"
-            )
-            if "quality" in final:
-                from jvdm import quality
-
-                print(
-                    "sample quality in the dataset classifier's features, against the test split:"
-                )
-                print(quality.format_table(final["quality"]))
+            _print_final(summary, config.data.eval_split)
         return summary
     finally:
         if writer is not None:
@@ -289,106 +203,160 @@ def _train(config, workdir, mesh, step_callback, is_main) -> dict[str, Any]:
         ckpt.close(manager)
 
 
-def _loop(config, state, mesh, manager, writer, workdir, start, model, train_key, step_callback):
-    """Steps from ``start`` to ``config.train.steps``; returns (state, done, stopped, last log)."""
-    from tqdm.auto import tqdm
-
+def _resume_or_init(config, workdir, manager, abstract, mesh, init_key, is_main):
+    """``(start, state)``: the newest checkpoint that verifies (corrupt or unverified newer ones
+    are set aside), or a fresh state at step 0; then the config is saved next to it."""
     from jvdm import checkpoint as ckpt
+    from jvdm import run_config
+
+    # Only a run that has a checkpoint to resume is bound to its saved config.
+    has_checkpoint = manager.latest_step() is not None
+    changed = run_config.check_config(config, workdir) if has_checkpoint else {}
+    start, state = ckpt.restore_latest(manager, abstract)
+    if start is None:
+        start, state = 0, create_train_state(config, init_key, mesh=mesh)
+    elif is_main:
+        notes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        print(f"resuming {workdir} from step {start}" + (f" ({notes})" if notes else ""))
+    run_config.save_config(config, workdir)
+    return start, state
+
+
+def _loop_settings(config) -> dict[str, Any]:
+    """The plain values of ``config`` that the loop and its evaluations use (read once, here)."""
+    t, e, d = config.train, config.eval, config.data
+    return dict(
+        steps=int(t.steps),
+        batch_size=int(t.batch_size),
+        grad_accum_steps=int(t.grad_accum_steps),
+        log_every=int(t.log_every),
+        checkpoint_every=int(t.checkpoint_every),
+        eval_every=int(t.eval_every),
+        max_consecutive_nonfinite=int(t.max_consecutive_nonfinite),
+        eval_draws=int(e.draws),
+        dataset=str(d.name),
+        eval_spec=train_log.EvalSpec(
+            dataset=d.name,
+            split=d.eval_split,
+            data_dir=d.data_dir,
+            batch_size=int(e.batch_size),
+            num_samples=int(e.num_samples),
+            sample_steps=int(e.sample_steps),
+            sampler=str(e.sampler),
+            use_quality=bool(e.use_quality),
+        ),
+    )
+
+
+def _make_loader(config, mesh: Mesh, start: int):
+    """This process's rows of every global batch, from step ``start`` on (the resumable order)."""
     from jvdm import data as data_lib
 
-    t = config.train
     processes = sorted({d.process_index for d in mesh.devices.flat})
-    loader = data_lib.make_train_loader(
+    return data_lib.make_train_loader(
         config.data.name,
         split=config.data.train_split,
-        global_batch_size=t.batch_size,
-        seed=t.seed,
+        global_batch_size=config.train.batch_size,
+        seed=config.train.seed,
         start_step=start,
         process_index=processes.index(jax.process_index()),
         process_count=len(processes),
         random_flip=config.data.random_flip,
         data_dir=config.data.data_dir,
     )
-    eval_key = run_keys(t.seed)[2]
-    flag = _StopFlag()
-    last_saved = start
-    pending: list[dict[str, jax.Array]] = []
-    logged: dict[str, float] = {}
-    done = start
-    stopped = False
-    t_log, n_log = time.perf_counter(), 0
 
-    def save(step: int) -> None:
-        nonlocal last_saved
-        if step == last_saved:
-            return
-        # Never save in the middle of a run of skipped updates: the checkpoints that are kept
-        # (max_to_keep) must stay ones taken before it. One scalar read per save. The last step
-        # is always saved: a skipped step leaves the parameters of the last good one.
-        if step != t.steps and int(jax.device_get(state.skipped_consecutive)) > 0:
-            return
-        ckpt.save(manager, step, state)
-        last_saved = step
 
-    bar = tqdm(
-        total=t.steps,
-        initial=start,
-        disable=jax.process_index() != 0,
-        dynamic_ncols=True,
-        mininterval=1.0,
-        file=sys.stderr,
+def _summary(run: train_run.Run, state, done: int, stopped: bool, logged: dict) -> dict[str, Any]:
+    from jvdm import checkpoint as ckpt
+
+    latest = run.manager.latest_step()
+    path = None if latest is None else os.path.join(run.workdir, ckpt.CHECKPOINT_DIR, str(latest))
+    return {
+        "step": done,
+        "stopped_early": stopped,
+        "skipped_total": int(jax.device_get(state.skipped_total)),
+        "train_bpd": logged.get("train/bpd", float("nan")),
+        "workdir": run.workdir,
+        "checkpoint": path,
+    }
+
+
+def _print_final(summary: dict[str, Any], split: str) -> None:
+    print(
+        f"final {split} bpd: {summary['bpd_mean']:.4f} ± {summary['bpd_sem']:.4f} (standard "
+        f"error over {summary['num_images']} images, {summary['draws']} noise draws each)\n"
+        f"  samples:    {summary['samples']}\n  gamma(t):   {summary['gamma_plot']}\n"
+        f"  bpd curves: {summary['metrics_plot']}\n  checkpoint: {summary['checkpoint']}"
     )
+    if "quality" in summary:
+        from jvdm import quality
+
+        print("sample quality in the dataset classifier's features, against the test split:")
+        print(quality.format_table(summary["quality"]))
+
+
+# --------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _log(run: train_run.Run, log: train_log.IntervalLog, done: int, bar) -> dict[str, float]:
+    host, record = log.flush()
+    run.writer.write(done, record)
+    bpd, rate = record["train/bpd"], record["train/images_per_sec"]
+    bar.set_postfix(bpd=f"{bpd:.4f}", img_s=f"{rate:.0f}", refresh=False)
+    _check_streak(host, done, run.max_consecutive_nonfinite, run.manager)
+    return record
+
+
+def _evaluate(run: train_run.Run, state, step: int, *, draws: int) -> tuple[dict, str]:
+    """Evaluates and logs at ``step``; returns the result and the refreshed bpd curves' path."""
+    result = train_log.evaluate_and_save(
+        run.eval_spec, state, run.workdir, step, draws=draws, key=run.eval_key
+    )
+    run.writer.write(step, train_log.eval_scalars(result))
+    return result, train_log.plot_curves(run.workdir)
+
+
+def _loop(run: train_run.Run, state: TrainState, loader, start: int):
+    """Steps from ``start`` to ``run.steps``; returns (state, done, stopped, last log record)."""
+    from jvdm import checkpoint as ckpt
+
+    flag, save, log = (
+        train_run.StopFlag(),
+        train_run.Saver(run, start),
+        train_log.IntervalLog(run.batch_size),
+    )
+    logged: dict[str, float] = {}
+    done, stopped = start, False
     batches = iter(loader)
-    with _stop_on_signals(flag), bar:
-        while done < t.steps:
+    with train_run.stop_on_signals(flag), train_run.progress(run, start) as bar:
+        while done < run.steps:
             local = next(batches)
             if done == start:
-                _check_batch(local, model, config.data.name)
-            batch = {"image": parallel.shard_batch(local["image"], mesh)}
+                _check_batch(local, run.image_shape, run.dataset)
+            batch = {"image": parallel.shard_batch(local["image"], run.mesh)}
             if done == start:  # compiles the step: its costs are known before it first runs
-                _preflight(state, batch, train_key, t.grad_accum_steps, writer, start, mesh)
+                _preflight(run, state, batch, start)
             # The step must not move data implicitly: state, batch and key are already on the mesh.
             with jax.transfer_guard("disallow"):
                 state, metrics = train_step(
-                    state, batch, train_key, grad_accum_steps=t.grad_accum_steps
+                    state, batch, run.train_key, grad_accum_steps=run.grad_accum_steps
                 )
             done += 1
-            pending.append(metrics)
-            n_log += 1
+            log.add(metrics)
             bar.update(1)
-            ckpt.poll(manager)  # checksums a finished save; raises if it failed
-            if step_callback is not None:
-                step_callback(done, state)
-
-            at_log = done % t.log_every == 0 or done == t.steps
+            ckpt.poll(run.manager)  # checksums a finished save; raises if it failed
+            if run.step_callback is not None:
+                run.step_callback(done, state)
+            at_log = train_run.every(run.log_every, done, run.steps)
             if at_log:
-                now = time.perf_counter()
-                host = jax.device_get(pending)  # the only device-to-host reads of the loop
-                pending.clear()
-                summary = train_log.summarise(host)
-                rate = n_log * t.batch_size / max(now - t_log, 1e-9)
-                t_log, n_log = now, 0
-                logged = {f"train/{k}": v for k, v in summary.items()}
-                logged["train/images_per_sec"] = rate
-                writer.write(done, logged)
-                bar.set_postfix(bpd=f"{summary['bpd']:.4f}", img_s=f"{rate:.0f}", refresh=False)
-                _check_streak(host, done, t.max_consecutive_nonfinite, manager)
-            # Signals are checked every step on one process; across processes at log steps only,
-            # where all processes agree to stop at the same step.
-            stop = flag.signum is not None
-            if jax.process_count() > 1:
-                stop = at_log and _all_agree(stop)
-            if stop:
+                logged = _log(run, log, done, bar)
+            if train_run.should_stop(flag, at_log):
                 stopped = True
-                save(done)
+                save(done, state)
                 break
-            if done % t.checkpoint_every == 0 or done == t.steps:
-                save(done)
-            if done % t.eval_every == 0 and done < t.steps:
-                draws = config.eval.draws
-                result = train_log.evaluate_and_save(
-                    config, state, workdir, done, draws=draws, key=eval_key
-                )
-                writer.write(done, train_log.eval_scalars(result))
-                train_log.plot_curves(workdir)
+            if train_run.every(run.checkpoint_every, done, run.steps):
+                save(done, state)
+            if train_run.every(run.eval_every, done) and done < run.steps:
+                _evaluate(run, state, done, draws=run.eval_draws)
     return state, done, stopped, logged

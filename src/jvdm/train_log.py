@@ -6,9 +6,11 @@ part in the computations (evaluation gathers across processes).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import time
 
 import jax
 import numpy as np
@@ -18,6 +20,8 @@ from jvdm.workdir import METRICS_FILE
 
 __all__ = [
     "METRICS_FILE",
+    "EvalSpec",
+    "IntervalLog",
     "MetricsWriter",
     "eval_scalars",
     "evaluate_and_save",
@@ -94,11 +98,55 @@ def summarise(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
     return out
 
 
+class IntervalLog:
+    """The metrics of the steps since the last log, read from the device once per interval."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.pending: list[dict[str, jax.Array]] = []
+        self.started = time.perf_counter()
+
+    def add(self, metrics: dict[str, jax.Array]) -> None:
+        self.pending.append(metrics)
+
+    def flush(self) -> tuple[list[dict], dict[str, float]]:
+        """``(per-step host metrics, the interval's record)``: the ``train/...`` summary and
+        ``train/images_per_sec`` since the last flush."""
+        now = time.perf_counter()
+        host = jax.device_get(self.pending)  # the only device-to-host reads of the loop
+        rate = len(self.pending) * self.batch_size / max(now - self.started, 1e-9)
+        self.pending, self.started = [], now
+        record = {f"train/{k}": v for k, v in summarise(host).items()}
+        record["train/images_per_sec"] = rate
+        return host, record
+
+
 # --------------------------------------------------------------------------------------------
 # Evaluation.
 
 
-def evaluate_and_save(config, state, workdir: str, step: int, *, draws: int, key) -> dict:
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """What an evaluation during training does; :mod:`jvdm.train` reads it from the config once.
+
+    Attributes:
+      dataset, split, data_dir: the eval split (``config.data``).
+      batch_size: images per evaluation batch (``config.eval.batch_size``).
+      num_samples, sample_steps, sampler: the sample grid (``config.eval``).
+      use_quality: whether to score the samples in a dataset classifier's features.
+    """
+
+    dataset: str
+    split: str
+    data_dir: str | None
+    batch_size: int
+    num_samples: int
+    sample_steps: int
+    sampler: str
+    use_quality: bool
+
+
+def evaluate_and_save(spec: EvalSpec, state, workdir: str, step: int, *, draws: int, key) -> dict:
     """Eval-split bpd with the EMA parameters, a sample grid and the schedule plot."""
     from jvdm import evaluate, sampling, viz
 
@@ -110,40 +158,34 @@ def evaluate_and_save(config, state, workdir: str, step: int, *, draws: int, key
     k_eval, k_sample = jax.random.split(key)
     result = evaluate.evaluate_split(
         params,
-        dataset=config.data.name,
-        split=config.data.eval_split,
+        dataset=spec.dataset,
+        split=spec.split,
         key=k_eval,
         draws=draws,
-        batch_size=config.eval.batch_size,
-        data_dir=config.data.data_dir,
+        batch_size=spec.batch_size,
+        data_dir=spec.data_dir,
     )
     images = sampling.sample(
-        params,
-        k_sample,
-        config.eval.num_samples,
-        steps=config.eval.sample_steps,
-        sampler=config.eval.sampler,
+        params, k_sample, spec.num_samples, steps=spec.sample_steps, sampler=spec.sampler
     )
     paths = {
         "samples": os.path.join(workdir, f"samples_{step:07d}.png"),
         "gamma_plot": os.path.join(workdir, f"gamma_{step:07d}.png"),
     }
-    if config.eval.use_quality:
-        paths.update(_quality(config, images))
+    if spec.use_quality:
+        paths.update(_quality(images, dataset=spec.dataset, data_dir=spec.data_dir))
     if jax.process_index() == 0:
         viz.save_image_grid(images, paths["samples"])
         viz.plot_gamma(params, paths["gamma_plot"])
     return {**result, **paths}
 
 
-def _quality(config, images) -> dict:
+def _quality(images, *, dataset: str, data_dir: str | None) -> dict:
     from jvdm import quality
     from jvdm.errors import JvdmUserError
 
     try:
-        scores = quality.sample_quality(
-            images, dataset=config.data.name, data_dir=config.data.data_dir
-        )
+        scores = quality.sample_quality(images, dataset=dataset, data_dir=data_dir)
     except JvdmUserError as err:  # e.g. a dataset without labels: training goes on
         return {"quality_skipped": str(err)}
     return {"quality": scores}

@@ -221,6 +221,40 @@ def ema_decay_at(applied: jax.Array, ema_decay: float) -> jax.Array:
     return jnp.minimum(jnp.float32(ema_decay), (1.0 + n) / (10.0 + n))
 
 
+def _gamma_in_order(params: model_lib.VDMParams) -> jax.Array:
+    """Whether ``gamma(1) > gamma(0)``: the invariant of :class:`jvdm.nn.gamma.LearnedGamma`, whose
+    end points are trained parameters (a fixed schedule's are checked once, at construction)."""
+    g_0, g_1 = model_lib.gamma(params, jnp.array([0.0, 1.0], jnp.float32))
+    return g_1 > g_0
+
+
+def _apply_or_keep(state: TrainState, *, grads, applied) -> tuple[TrainState, jax.Array]:
+    """``(state after the update, its norm)``, or ``(state, NaN)`` when the update is not finite
+    or would leave ``gamma_max <= gamma_min``."""
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay_at(applied, state.ema_decay)
+    ema_params = optax.incremental_update(params, state.ema_params, 1.0 - decay)
+    new = state.replace(params=params, ema_params=ema_params, opt_state=opt_state)
+    update_norm = optax.tree.norm(updates)
+    # Finite gradients can still overflow in the update (huge Adam ratios), and an update can
+    # reverse a learned schedule's end points: either keeps the old state.
+    ok = jnp.isfinite(update_norm) & _gamma_in_order(params)
+    return jax.lax.cond(ok, lambda: new, lambda: state), jnp.where(ok, update_norm, jnp.nan)
+
+
+def _count_step(old: TrainState, new: TrainState, update_norm) -> tuple[TrainState, jax.Array]:
+    """``new`` with the step and skip counters advanced (a NaN ``update_norm`` marks a skip)."""
+    is_finite = jnp.isfinite(update_norm)
+    skipped = jnp.where(is_finite, 0, 1).astype(jnp.int32)
+    new = new.replace(
+        step=old.step + 1,
+        skipped_total=old.skipped_total + skipped,
+        skipped_consecutive=jnp.where(is_finite, 0, old.skipped_consecutive + 1),
+    )
+    return new, skipped
+
+
 def _train_step(
     state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *, grad_accum_steps: int = 1
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -231,7 +265,8 @@ def _train_step(
     :func:`jvdm.model.loss_and_grads` (the bound for the denoiser and the schedule's end points, the
     loss variance for the schedule's interior); they are clipped by global norm and applied by
     AdamW, and the EMA follows with ``optax.incremental_update``. A step whose loss, gradients or
-    update are not finite changes nothing but ``step`` and the skip counters.
+    update are not finite, or whose update would leave ``gamma_max <= gamma_min`` (the learned
+    schedule's order), changes nothing but ``step`` and the skip counters.
 
     With ``grad_accum_steps = k`` the gradients are accumulated over ``k`` micro-batches of
     ``B / k`` images inside this one program (``lax.scan``), then applied once: the update of the
@@ -256,17 +291,6 @@ def _train_step(
     grad_norm = optax.tree.norm(grads)
     applied = state.step - state.skipped_total  # updates applied so far (optax's own count)
 
-    def apply(state: TrainState) -> tuple[TrainState, jax.Array]:
-        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        decay = ema_decay_at(applied, state.ema_decay)
-        ema_params = optax.incremental_update(params, state.ema_params, 1.0 - decay)
-        new = state.replace(params=params, ema_params=ema_params, opt_state=opt_state)
-        update_norm = optax.tree.norm(updates)
-        # Finite gradients can still overflow in the update (huge Adam ratios): keep the old state.
-        ok = jnp.isfinite(update_norm)
-        return jax.lax.cond(ok, lambda: new, lambda: state), jnp.where(ok, update_norm, jnp.nan)
-
     def skip(state: TrainState) -> tuple[TrainState, jax.Array]:
         return state, jnp.asarray(jnp.nan, jnp.float32)
 
@@ -274,16 +298,11 @@ def _train_step(
     # non-finite) keeps the old state. `lax.cond` over the whole update, decided on device so the
     # host never waits: cheaper than a `where` per parameter (bench/RESULTS.md), and a skipped
     # step does not even run the optimizer.
+    apply = functools.partial(_apply_or_keep, grads=grads, applied=applied)
     new_state, update_norm = jax.lax.cond(
         jnp.isfinite(loss) & jnp.isfinite(grad_norm), apply, skip, state
     )
-    is_finite = jnp.isfinite(update_norm)
-    skipped = jnp.where(is_finite, 0, 1).astype(jnp.int32)
-    new_state = new_state.replace(
-        step=state.step + 1,
-        skipped_total=state.skipped_total + skipped,
-        skipped_consecutive=jnp.where(is_finite, 0, state.skipped_consecutive + 1),
-    )
+    new_state, skipped = _count_step(state, new_state, update_norm)
     metrics = dict(terms)
     metrics.update(
         loss=loss,

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jvdm import validate
+
 __all__ = [
     "CosineGamma",
     "DDPMGamma",
@@ -34,11 +36,6 @@ def _as_float(t) -> jax.Array:
     """t as a float array; float64 stays float64 (for float64 tests), anything else -> float32."""
     t = jnp.asarray(t)
     return t if jnp.issubdtype(t.dtype, jnp.floating) else t.astype(jnp.float32)
-
-
-def _check_order(gamma_min: float, gamma_max: float) -> None:
-    if not gamma_max > gamma_min:
-        raise ValueError(f"need gamma_max > gamma_min, got {gamma_min=}, {gamma_max=}")
 
 
 def _lerp(lo: jax.Array, hi: jax.Array, s: jax.Array) -> jax.Array:
@@ -98,9 +95,10 @@ class LearnedGamma(nn.Module):
     training the prior term pushes gamma_max up and the reconstruction term gamma_min down, against
     the diffusion loss, which grows with the gap. A reparameterisation that forbids crossing (e.g.
     gamma_max = gamma_min + softplus(.)) would break "the parameter is the end point" that the
-    training step relies on, so instead a training loop should check ``gamma_max > gamma_min``
-    alongside its finiteness checks: were they to cross, gamma' < 0 and the diffusion loss
-    0.5 gamma' ||eps - eps_hat||^2 would be unbounded below.
+    training step relies on, so instead the training step checks ``gamma_max > gamma_min`` alongside
+    its finiteness checks and skips an update that would break it (:mod:`jvdm.train_state`): were
+    they to cross, gamma' < 0 and the diffusion loss 0.5 gamma' ||eps - eps_hat||^2 would be
+    unbounded below.
 
     Attributes:
       gamma_min_init, gamma_max_init: initial end points (VDM: -13.3 and 5.0).
@@ -114,11 +112,7 @@ class LearnedGamma(nn.Module):
     hidden: int = 1024
 
     def setup(self):
-        if not self.gamma_max_init > self.gamma_min_init:
-            raise ValueError(
-                f"need gamma_max_init > gamma_min_init, got {self.gamma_min_init=}, "
-                f"{self.gamma_max_init=}"
-            )
+        validate.check_gamma_order(self.gamma_min_init, self.gamma_max_init, suffix="_init")
         self.gamma_min = self.param("gamma_min", nn.initializers.constant(self.gamma_min_init), ())
         self.gamma_max = self.param("gamma_max", nn.initializers.constant(self.gamma_max_init), ())
         self.net = _MonotoneNet(self.hidden, init_slope=self.gamma_max_init - self.gamma_min_init)
@@ -146,7 +140,7 @@ class FixedLinearGamma(nn.Module):
     gamma_max: float = 5.0
 
     def __call__(self, t: jax.Array) -> jax.Array:
-        _check_order(self.gamma_min, self.gamma_max)
+        validate.check_gamma_order(self.gamma_min, self.gamma_max)
         t = _as_float(t)
         return _lerp(jnp.asarray(self.gamma_min, t.dtype), jnp.asarray(self.gamma_max, t.dtype), t)
 
@@ -170,7 +164,7 @@ class CosineGamma(nn.Module):
     gamma_max: float = 5.0
 
     def __call__(self, t: jax.Array) -> jax.Array:
-        _check_order(self.gamma_min, self.gamma_max)
+        validate.check_gamma_order(self.gamma_min, self.gamma_max)
         t = _as_float(t)
         b = math.atan(math.exp(self.gamma_min / 2))
         c = math.atan(math.exp(-self.gamma_max / 2))  # pi/2 - theta(1)

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jvdm import validate
 from jvdm.nn.norm import GroupNorm
 
 __all__ = ["UNet", "count_params", "forward_flops"]
@@ -160,16 +161,8 @@ class UNet(nn.Module):
         bad = [w for w in widths if w % self.num_heads]
         if bad:
             raise ValueError(f"num_heads must divide every channel count: {self.num_heads=}, {bad}")
-        factor = 2 ** (len(self.channel_mult) - 1)
-        if z.shape[1] % factor or z.shape[2] % factor:
-            raise ValueError(
-                f"image sides must divide by 2**(len(channel_mult)-1) = {factor}: got "
-                f"H, W = {z.shape[1]}, {z.shape[2]} with channel_mult={tuple(self.channel_mult)}"
-            )
-        if not self.gamma_max > self.gamma_min:
-            raise ValueError(
-                f"need gamma_max > gamma_min, got {self.gamma_min=}, {self.gamma_max=}"
-            )
+        validate.check_sides_divide(z.shape, self.channel_mult, "the denoiser's input")
+        validate.check_gamma_order(self.gamma_min, self.gamma_max, "UNet.")
 
     @nn.compact
     def __call__(self, z: jax.Array, gamma: jax.Array | float, *, train: bool) -> jax.Array:
