@@ -5,7 +5,7 @@ none copies it. The config is locked, so a typo (``config.optimizer.lrr = 1``) o
 wrong type is an error at once, and :func:`validate` checks the values once, naming the bad field.
 
 Sections: ``data``, ``model`` (the denoiser), ``gamma`` (the noise schedule), ``optimizer``,
-``train`` and ``eval``. Only the entry points (``cli``, ``train``) and ``model.from_config`` read
+``train`` and ``eval``. Only the entry points (``cli``, ``train``) and ``build.from_config`` read
 it; everything below them takes explicit keyword arguments.
 """
 
@@ -25,6 +25,9 @@ from jvdm.errors import JvdmUserError
 PREDICTIONS = ("eps", "x0", "v")
 SCHEDULES = ("learned", "linear", "cosine", "ddpm")
 SAMPLERS = ("ancestral", "ddim", "dpm_solver")
+# The names of jvdm.weighting.WEIGHTINGS (kept here so that reading a config imports no JAX).
+WEIGHTINGS = ("elbo", "sigmoid", "edm", "edm_monotone", "v_mse")
+NOISE_SAMPLINGS = ("uniform_t", "adaptive")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -53,6 +56,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.use_antithetic_time = True
     c.model.dtype = "float32"  # compute dtype of the denoiser; parameters stay float32
     c.model.use_remat = False
+    # The training loss's weighting w(lambda) of noise levels (VDM++; jvdm.weighting): "elbo" is
+    # the bound itself. Evaluation always reports the ELBO.
+    c.model.weighting = "elbo"
+    c.model.sigmoid_bias = 2.0  # b of the "sigmoid" weighting, w = sigmoid(b - lambda)
+    # "uniform_t": t ~ U(0, 1) (stratified), gamma = gamma(t). "adaptive": gamma drawn from an EMA
+    # histogram of the loss over lambda, importance-weighted (jvdm.noise_sampling).
+    c.model.noise_sampling = "uniform_t"
+    c.model.histogram_bins = 100
+    c.model.histogram_decay = 0.99
+    c.model.histogram_uniform_fraction = 0.1
 
     c.gamma = ml_collections.ConfigDict()
     c.gamma.schedule = "learned"
@@ -124,6 +137,34 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(m.prediction in PREDICTIONS, "model.prediction", m.prediction, f"one of {PREDICTIONS}")
     need(m.timesteps >= 0, "model.timesteps", m.timesteps, "0 (continuous) or a positive T")
     need(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "float32 or bfloat16")
+    need(m.weighting in WEIGHTINGS, "model.weighting", m.weighting, f"one of {WEIGHTINGS}")
+    need(
+        m.noise_sampling in NOISE_SAMPLINGS,
+        "model.noise_sampling",
+        m.noise_sampling,
+        f"one of {NOISE_SAMPLINGS}",
+    )
+    continuous = "set model.timesteps=0 (they are defined in continuous time)"
+    need(m.timesteps == 0 or m.weighting == "elbo", "model.weighting", m.weighting, continuous)
+    need(
+        m.timesteps == 0 or m.noise_sampling == "uniform_t",
+        "model.noise_sampling",
+        m.noise_sampling,
+        continuous,
+    )
+    need(m.histogram_bins > 0, "model.histogram_bins", m.histogram_bins, "must be positive")
+    need(
+        0.0 <= m.histogram_decay < 1.0,
+        "model.histogram_decay",
+        m.histogram_decay,
+        "must lie in [0, 1)",
+    )
+    need(
+        0.0 < m.histogram_uniform_fraction <= 1.0,
+        "model.histogram_uniform_fraction",
+        m.histogram_uniform_fraction,
+        "must lie in (0, 1] (the floor that keeps the sampling density positive)",
+    )
     need(g.schedule in SCHEDULES, "gamma.schedule", g.schedule, f"one of {SCHEDULES}")
     need(
         g.gamma_min < g.gamma_max,
