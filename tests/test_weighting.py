@@ -128,3 +128,13 @@ def test_vdmpp_identity_weighted_loss_is_a_mixture_of_noise_augmented_elbos(name
     rhs = _np_weight(name, lam_max) * elbo[-1] + np.trapezoid(-dw * elbo, lam)
     print(f"{name}: L_w = {lhs:.8g}, mixture of ELBOs = {rhs:.8g}")
     assert math.isclose(lhs, rhs, rel_tol=2e-5)
+
+
+def test_public_names():
+    import jvdm
+    from jvdm import noise_sampling, objective
+
+    assert jvdm.weighted_diffusion_loss is weighting.weighted_diffusion_loss
+    assert jvdm.diffusion_weight is weighting.diffusion_weight
+    assert jvdm.sample_positions is noise_sampling.sample_positions
+    assert jvdm.loss_and_grads is objective.loss_and_grads
