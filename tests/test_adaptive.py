@@ -232,3 +232,36 @@ def test_histogram_resumes_bit_exactly_and_is_the_same_on_one_and_four_devices(t
     np.testing.assert_array_equal(h1[1], hist[1])
     np.testing.assert_allclose(h1[0], hist[0], rtol=1e-5)
     assert os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["model.weighting=focal"], r"model\.weighting='focal' is invalid: one of"),
+        (["model.noise_sampling=importance"], r"model\.noise_sampling='importance'"),
+        (["model.timesteps=10", "model.weighting=sigmoid"], r"set model\.timesteps=0"),
+        (["model.timesteps=10", "model.noise_sampling=adaptive"], r"set model\.timesteps=0"),
+        (["model.histogram_uniform_fraction=0.0"], r"histogram_uniform_fraction=0\.0"),
+        (["model.histogram_decay=1.0"], r"model\.histogram_decay=1\.0"),
+    ],
+)
+def test_objective_fields_are_validated_with_user_errors(overrides, match):
+    from jvdm.errors import JvdmUserError
+
+    config = config_lib.apply_overrides(config_lib.base_config(), overrides)
+    with pytest.raises(JvdmUserError, match=match):
+        config_lib.validate(config)
+
+
+def test_experiments_derive_their_objective_from_the_base_config():
+    base = config_lib.base_config()
+    root = os.path.join(os.path.dirname(__file__), "..", "experiments")
+    for name, field, value in (
+        ("sigmoid_weighting", "weighting", "sigmoid"),
+        ("adaptive_elbo", "noise_sampling", "adaptive"),
+    ):
+        config = config_lib.validate(config_lib.load_config_file(os.path.join(root, f"{name}.py")))
+        assert config.model[field] == value
+        changed = {k for k in base.model if config.model[k] != base.model[k]}
+        assert changed <= {field, "sigmoid_bias"}, changed
+        assert config.train == base.train and config.data == base.data

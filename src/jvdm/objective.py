@@ -128,6 +128,14 @@ def _interior_variance_grads(g_sched, sched_vjp, train_diffusion, cot):
     )
 
 
+def _check_batch(model, images, micro_batches: int) -> None:
+    model_lib._check_images(model, images)
+    if images.shape[0] % micro_batches:
+        raise ValueError(
+            f"a batch of {images.shape[0]} images does not split into {micro_batches=}"
+        )
+
+
 def loss_and_grads(
     params: VDMParams,
     images: jax.Array,
@@ -159,20 +167,13 @@ def loss_and_grads(
     floating-point sums (and dropout masks, drawn per micro-batch).
 
     Args:
-      params: the model's parameters.
-      images: uint8 ``[B, H, W, C]``.
-      key: the step's randomness.
-      train: apply dropout.
+      params, images, key, train: the parameters, uint8 ``[B, H, W, C]``, randomness, dropout.
       micro_batches: gradient-accumulation micro-batches; must divide ``B``.
       histogram: ``[2, K]`` the loss histogram (see :mod:`jvdm.noise_sampling`); ``None`` for an
         empty one. Sampling uses it with ``noise_sampling="adaptive"``; it is updated either way.
     """
     model = params.model
-    model_lib._check_images(model, images)
-    if images.shape[0] % micro_batches:
-        raise ValueError(
-            f"a batch of {images.shape[0]} images does not split into {micro_batches=}"
-        )
+    _check_batch(model, images, micro_batches)
     if histogram is None:
         histogram = noise_sampling.init_histogram(model.histogram_bins)
     adaptive = model.noise_sampling == "adaptive"
