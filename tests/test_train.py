@@ -344,6 +344,8 @@ def test_nonfinite_update_is_skipped_and_counted(key):
     )
     for x, y in pairs:
         assert np.array_equal(x, y)
+    # ... nor does the loss histogram take in the NaN losses.
+    assert np.array_equal(host(state.loss_histogram), expected.loss_histogram)
 
     # Training goes on: a good step afterwards is applied and resets the consecutive count.
     state = parallel.replicate(
@@ -354,6 +356,7 @@ def test_nonfinite_update_is_skipped_and_counted(key):
             opt_state=state.opt_state,
             skipped_total=state.skipped_total,
             skipped_consecutive=state.skipped_consecutive,
+            loss_histogram=state.loss_histogram,
             tx=state.tx,
             lr_schedule=state.lr_schedule,
             ema_decay=state.ema_decay,
