@@ -20,7 +20,7 @@ the schedule's end points move), and as ``exp`` of it. Table (VDM++ table 1, ``s
 ``sigmoid``     ``w = sigmoid(b - lambda)`` with bias ``b`` (VDM++ eq. 10)
 ``edm``         ``w = N(lambda; 2.4, 2.4^2) (e^{-lambda} + sigma_data^2) / sigma_data^2``
 ``edm_monotone`` the smallest non-increasing function above ``edm``: ``edm(max(lambda, l*))``
-                with ``l*`` its mode (VDM++ appendix: "EDM, monotonic")
+                with ``l*`` its mode, so that VDM++'s ELBO reading applies (section 4)
 ``v_mse``       ``w = e^{-lambda / 2}``: v-prediction MSE under the cosine schedule
 ==============  ===============================================================================
 
