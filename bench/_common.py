@@ -155,7 +155,7 @@ def emit(bench: str, result: dict, *, load_before: list[float], write: bool = Tr
 
 
 def allow_unprepared_datasets() -> None:
-    """Lets ``model.from_config`` build models of datasets not prepared on this machine.
+    """Lets ``build.from_config`` build models of datasets not prepared on this machine.
 
     The model needs only the image shape, which :func:`jvdm.datasets.list_datasets` knows without
     the data; the benchmarks feed synthetic uint8 batches of that shape.

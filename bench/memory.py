@@ -50,11 +50,12 @@ def measure(name: str, chunk: int, eval_batch: int) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from jvdm import build as build_lib
     from jvdm import evaluate, sampling
     from jvdm import model as model_lib
 
     config = _common.load_config(*CONFIGS[name])
-    model = model_lib.from_config(config)
+    model = build_lib.from_config(config)
     params = jax.eval_shape(functools.partial(model_lib.init, model), jax.random.key(0))
     key = jax.eval_shape(lambda: jax.random.key(0))
     indices = jax.ShapeDtypeStruct((chunk,), jnp.uint32)

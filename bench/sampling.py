@@ -74,12 +74,12 @@ def main(argv=None) -> dict:
 
     import jax
 
-    from jvdm import model as model_lib
+    from jvdm import build as build_lib
 
     load = _common.loadavg()
     _common.allow_unprepared_datasets()
     config = _common.load_config(args.config, args.set)
-    params = model_lib.init_params(config, jax.random.key(0))
+    params = build_lib.init_params(config, jax.random.key(0))
     rows = [time_sample(params, args.n, s, args.sampler, args.reps) for s in args.steps]
     fwd = forward_ms(params, args.n)
     by_steps = sorted(rows, key=lambda r: r["steps"])

@@ -56,10 +56,10 @@ def batch_rows(config, batches: list[int], steps: int) -> list[dict]:
 def sampling_rows(config, steps_list: list[int], n: int) -> list[dict]:
     import jax
 
-    from jvdm import model as model_lib
+    from jvdm import build as build_lib
     from jvdm import sampling
 
-    params = model_lib.init_params(config, jax.random.key(0))
+    params = build_lib.init_params(config, jax.random.key(0))
     rows = []
     for steps in steps_list:
         sampling.sample(params, jax.random.key(1), n, steps=steps)  # compile

@@ -42,7 +42,7 @@ def build(config, batch_size: int, *, seed: int = 0, compiler_options: dict | No
     import jax
     import numpy as np
 
-    from jvdm import model as model_lib
+    from jvdm import build as build_lib
     from jvdm import parallel
     from jvdm import train_state as ts
 
@@ -50,7 +50,7 @@ def build(config, batch_size: int, *, seed: int = 0, compiler_options: dict | No
     key = jax.random.key(seed)
     mesh = parallel.make_mesh()
     state = ts.create_train_state(config, key, mesh=mesh)
-    shape = model_lib.from_config(config).image_shape
+    shape = build_lib.from_config(config).image_shape
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (batch_size, *shape), dtype=np.uint8)
     batch = {"image": parallel.shard_batch(images, mesh)}
@@ -129,7 +129,7 @@ def measure(
     config, batch_size: int, *, steps: int, peak_flops: float | None, options: dict | None = None
 ) -> dict:
     """The train step's figures for one config and batch size (no peak measured here)."""
-    from jvdm import model as model_lib
+    from jvdm import build as build_lib
     from jvdm.nn import unet
 
     step_fn, state, batch, key, compile_s, flops = build(
@@ -141,7 +141,7 @@ def measure(
     state, times, probes = time_steps(step_fn, state, batch, key, steps=steps, between=probe)
     state, costs = process_costs(step_fn, state, batch, key, steps=max(2, steps // 2))
     med = statistics.median(times)
-    model = model_lib.from_config(config)
+    model = build_lib.from_config(config)
     out = {
         "batch": batch_size,
         "image_shape": list(model.image_shape),

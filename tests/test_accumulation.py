@@ -14,10 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jvdm import build, objective, parallel
 from jvdm import config as config_lib
 from jvdm import data as data_lib
-from jvdm import model as model_lib
-from jvdm import parallel
 from jvdm import train as train_lib
 from jvdm import train_state as state_lib
 from jvdm.errors import JvdmUserError
@@ -55,19 +54,31 @@ def images():
 
 
 @pytest.mark.parametrize(
-    ("timesteps", "ks"), [(0, (2, 4)), (10, (2,))], ids=["continuous", "discrete"]
+    ("timesteps", "ks", "objective_overrides"),
+    [
+        (0, (2, 4), ()),
+        (10, (2,), ()),
+        (0, (2,), ("model.weighting=sigmoid", "model.noise_sampling=adaptive")),
+    ],
+    ids=["continuous", "discrete", "adaptive_sigmoid"],
 )
-def test_micro_batches_equal_the_whole_batch(images, timesteps, ks):
-    """Loss, metrics and gradients of k micro-batches equal those of the batch of 16 in one piece:
-    in continuous time (the schedule's interior on the variance gradient) and in discrete time
-    (every schedule parameter on the bound)."""
-    params = model_lib.init_params(tiny(f"model.timesteps={timesteps}"), jax.random.key(0))
+def test_micro_batches_equal_the_whole_batch(images, timesteps, ks, objective_overrides):
+    """Loss, metrics, gradients and the loss histogram of k micro-batches equal those of the batch
+    of 16 in one piece: in continuous time (the schedule's interior on the variance gradient), in
+    discrete time (every schedule parameter on the bound), and with a weighting and adaptive noise
+    levels drawn from a (non-uniform) histogram."""
+    config = tiny(f"model.timesteps={timesteps}", *objective_overrides)
+    params = build.init_params(config, jax.random.key(0))
     key = jax.random.key(1)
-    fn = jax.jit(model_lib.loss_and_grads, static_argnames=("train", "micro_batches"))
-    loss, metrics, grads = host(fn(params, images, key, micro_batches=1))
+    bins = config.model.histogram_bins
+    hist = jnp.stack([jnp.linspace(1.0, 3.0, bins), jnp.ones((bins,))])  # a non-uniform density
+    fn = jax.jit(objective.loss_and_grads, static_argnames=("train", "micro_batches"))
+    loss, metrics, grads, new_hist = host(fn(params, images, key, micro_batches=1, histogram=hist))
     assert np.isfinite(loss)
     for k in ks:
-        loss_k, metrics_k, grads_k = host(fn(params, images, key, micro_batches=k))
+        out = host(fn(params, images, key, micro_batches=k, histogram=hist))
+        loss_k, metrics_k, grads_k, new_hist_k = out
+        np.testing.assert_allclose(new_hist_k, new_hist, rtol=1e-5)
         assert abs(loss_k - loss) <= BPD_ATOL
         for name, value in metrics.items():
             assert metrics_k[name] == pytest.approx(value, abs=BPD_ATOL, rel=1e-5), name

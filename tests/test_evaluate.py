@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 
 from gaussian_models import GaussianDenoiser, perturbed_learned
+from jvdm import build, evaluate, run_config
 from jvdm import checkpoint as ckpt
 from jvdm import config as config_lib
-from jvdm import evaluate, run_config
 from jvdm import model as model_lib
 from jvdm import run as run_lib
 from jvdm.nn import gamma as gamma_lib
@@ -217,7 +217,7 @@ def test_load_restores_the_latest_ema_parameters(run_dir):
     workdir, states = run_dir
     params = run_lib.load(workdir)
     assert isinstance(params, model_lib.VDMParams)
-    assert params.model == model_lib.from_config(_tiny_config())
+    assert params.model == build.from_config(_tiny_config())
     jax.tree.map(np.testing.assert_array_equal, params, states[4].ema_params)
     # One checkpoint directory: that step.
     older = run_lib.load(workdir / "checkpoints" / "2")

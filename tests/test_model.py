@@ -7,6 +7,8 @@ on the schedule only through its end points). These tests plug that denoiser int
 of the U-Net.
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ import pytest
 
 from gaussian_models import GaussianDenoiser
 from jvdm import model as model_lib
+from jvdm import objective
 from jvdm.nn import gamma as gamma_lib
 
 M, S = 0.3, 0.5
@@ -148,11 +151,11 @@ def test_antithetic_times_cover_unit_interval_for_any_batch():
         denoiser=GaussianDenoiser(M, S), schedule=gamma_lib.FixedLinearGamma(), image_shape=SHAPE
     )
     for b in (1, 3, 7, 64):
-        t, _ = model_lib._sample_times(model, jax.random.key(b), b, 0)
+        t, _ = model_lib._sample_times(model, jax.random.key(b), b)
         t = np.sort(np.asarray(t))
         assert t.shape == (b,) and np.all((t >= 0) & (t < 1))
         np.testing.assert_allclose(np.diff(t), 1.0 / b, atol=1e-5)
-    t, s = model_lib._sample_times(model, jax.random.key(0), 9, 10)
+    t, s = model_lib._sample_times(dataclasses.replace(model, timesteps=10), jax.random.key(0), 9)
     np.testing.assert_allclose(np.asarray(t) - np.asarray(s), 0.1, atol=1e-6)
     assert np.all(np.asarray(s) >= 0) and np.all(np.asarray(t) <= 1)
 
@@ -198,9 +201,9 @@ def test_gradients_bound_for_denoiser_and_end_points_variance_for_interior():
     images = jax.random.randint(jax.random.key(13), (8, *SHAPE), 0, 256).astype(jnp.uint8)
     key = jax.random.key(14)
 
-    _, _, grads = jax.jit(model_lib.loss_and_grads, static_argnames="train")(
+    grads = jax.jit(objective.loss_and_grads, static_argnames="train")(
         params, images, key, train=False
-    )
+    ).grads
     mean_bpd = lambda p: _second_moment(p, images, key)[1]
     elbo_grads = jax.grad(mean_bpd)(params)
     # Denoiser and end points follow the bound exactly.
@@ -245,7 +248,7 @@ def test_discrete_time_schedule_follows_the_bound():
     params = _params(sched, sp, timesteps=20)
     images = jax.random.randint(jax.random.key(16), (8, *SHAPE), 0, 256).astype(jnp.uint8)
     key = jax.random.key(17)
-    _, _, grads = model_lib.loss_and_grads(params, images, key, train=False)
+    grads = objective.loss_and_grads(params, images, key, train=False).grads
     elbo = jax.grad(lambda p: jnp.mean(model_lib.loss_terms(p, images, key)["bpd"]))(params)
     for a, b in zip(
         jax.tree_util.tree_leaves(grads.schedule),

@@ -92,6 +92,16 @@ def compare_runs(workdir, reference_dir, config, mesh):
     return float(gap), bpd_gap, max_abs_diff(run.params, ref.params)
 
 
+def assert_same_histogram(workdir, reference_dir, config, mesh):
+    """The loss histograms of two runs (TrainState.loss_histogram, built from the global batch
+    inside the step) agree: the same visits per bin, the values to the runs' last-bit drift."""
+    run = host(restore(workdir, STEPS, config, mesh)).loss_histogram
+    ref = host(restore(reference_dir, STEPS, config, mesh)).loss_histogram
+    assert np.sum(ref[1]) > 0
+    np.testing.assert_array_equal(run[1], ref[1])
+    np.testing.assert_allclose(run[0], ref[0], rtol=1e-3)
+
+
 def max_abs_diff(a, b):
     pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
     return max(float(np.max(np.abs(x - y))) for x, y in pairs)
@@ -227,6 +237,7 @@ def test_one_device_matches_four_and_checkpoints_move_between_them(runs, tmp_pat
     gap, bpd_gap, max_diff = compare_runs(one_dir, runs["straight_dir"], config, mesh4)
     print(f"1 vs 4 devices: relative gap {gap:.2g}, bpd {bpd_gap:.2g}, max |dp| {max_diff:.2g}")
     assert gap < PARAM_REL_TOL and bpd_gap < BPD_ATOL
+    assert_same_histogram(one_dir, runs["straight_dir"], config, mesh4)
 
     # Saved on 4 devices, restored onto 1 (and back): the same bits, on the new devices.
     four = restore(runs["straight_dir"], STEPS, config, mesh4)
@@ -303,6 +314,7 @@ def test_two_processes_match_one(runs, tmp_path):
     assert int(two.step) == STEPS and int(two.skipped_total) == 0
     gap, bpd_gap, max_diff = compare_runs(workdir, runs["straight_dir"], config, mesh)
     print(f"2 processes vs 1: relative gap {gap:.2g}, bpd {bpd_gap:.2g}, max |dp| {max_diff:.2g}")
+    assert_same_histogram(workdir, runs["straight_dir"], config, mesh)
     assert gap < PARAM_REL_TOL and bpd_gap < BPD_ATOL
 
 
@@ -341,6 +353,8 @@ def test_nonfinite_update_is_skipped_and_counted(key):
     )
     for x, y in pairs:
         assert np.array_equal(x, y)
+    # ... nor does the loss histogram take in the NaN losses.
+    assert np.array_equal(host(state.loss_histogram), expected.loss_histogram)
 
     # Training goes on: a good step afterwards is applied and resets the consecutive count.
     state = parallel.replicate(
@@ -351,6 +365,7 @@ def test_nonfinite_update_is_skipped_and_counted(key):
             opt_state=state.opt_state,
             skipped_total=state.skipped_total,
             skipped_consecutive=state.skipped_consecutive,
+            loss_histogram=state.loss_histogram,
             tx=state.tx,
             lr_schedule=state.lr_schedule,
             ema_decay=state.ema_decay,

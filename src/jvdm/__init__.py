@@ -43,6 +43,15 @@ _SOURCES: dict[str, str] = {
     "prior_kl_from_gamma": "jvdm.losses",
     "scale_pixels": "jvdm.losses",
     "snr_weighted_loss": "jvdm.losses",
+    # weighted losses (VDM++) and importance-sampled noise levels
+    "diffusion_weight": "jvdm.weighting",
+    "log_diffusion_weight": "jvdm.weighting",
+    "weighted_diffusion_loss": "jvdm.weighting",
+    "WEIGHTINGS": "jvdm.weighting",
+    "bin_probabilities": "jvdm.noise_sampling",
+    "init_histogram": "jvdm.noise_sampling",
+    "sample_positions": "jvdm.noise_sampling",
+    "update_histogram": "jvdm.noise_sampling",
     # sampling and likelihood
     "bpd": "jvdm.evaluate",
     "load": "jvdm.run",
@@ -53,6 +62,7 @@ _SOURCES: dict[str, str] = {
     # training
     "TrainState": "jvdm.train_state",
     "create_train_state": "jvdm.train_state",
+    "loss_and_grads": "jvdm.objective",
     "train_and_evaluate": "jvdm.train",
     "train_step": "jvdm.train_state",
 }

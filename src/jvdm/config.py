@@ -5,7 +5,7 @@ none copies it. The config is locked, so a typo (``config.optimizer.lrr = 1``) o
 wrong type is an error at once, and :func:`validate` checks the values once, naming the bad field.
 
 Sections: ``data``, ``model`` (the denoiser), ``gamma`` (the noise schedule), ``optimizer``,
-``train`` and ``eval``. Only the entry points (``cli``, ``train``) and ``model.from_config`` read
+``train`` and ``eval``. Only the entry points (``cli``, ``train``) and ``build.from_config`` read
 it; everything below them takes explicit keyword arguments.
 """
 
@@ -25,6 +25,39 @@ from jvdm.errors import JvdmUserError
 
 PREDICTIONS = ("eps", "x0", "v")
 SCHEDULES = ("learned", "linear", "cosine", "ddpm")
+# The names of jvdm.weighting.WEIGHTINGS (kept here so that reading a config imports no JAX).
+WEIGHTINGS = ("elbo", "sigmoid", "edm", "edm_monotone", "v_mse")
+NOISE_SAMPLINGS = ("uniform_t", "adaptive")
+
+
+def _model_section() -> ml_collections.ConfigDict:
+    """``config.model``: the denoiser and the training objective."""
+    m = ml_collections.ConfigDict()
+    m.channels = 32
+    m.channel_mult = (1, 2, 2)
+    m.num_res_blocks = 1
+    m.attention_resolutions = (7,)
+    m.num_heads = 1
+    m.num_groups = 8
+    m.dropout = 0.0
+    m.use_fourier_features = True
+    m.prediction = "eps"
+    # 0 means continuous time (VDM eq. 17); T > 0 gives the discrete-time bound with T steps.
+    m.timesteps = 0
+    m.use_antithetic_time = True
+    m.dtype = "float32"  # compute dtype of the denoiser; parameters stay float32
+    m.use_remat = False
+    # The training loss's weighting w(lambda) of noise levels (VDM++; jvdm.weighting): "elbo" is
+    # the bound itself. Evaluation always reports the ELBO.
+    m.weighting = "elbo"
+    m.sigmoid_bias = 2.0  # b of the "sigmoid" weighting, w = sigmoid(b - lambda)
+    # "uniform_t": t ~ U(0, 1) (stratified), gamma = gamma(t). "adaptive": gamma drawn from an EMA
+    # histogram of the loss over lambda, importance-weighted (jvdm.noise_sampling).
+    m.noise_sampling = "uniform_t"
+    m.histogram_bins = 100
+    m.histogram_decay = 0.99
+    m.histogram_uniform_fraction = 0.1
+    return m
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -38,22 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.data_dir = config_dict.placeholder(str)
     c.data.random_flip = False
 
-    c.model = ml_collections.ConfigDict()
-    c.model.channels = 32
-    c.model.channel_mult = (1, 2, 2)
-    c.model.num_res_blocks = 1
-    c.model.attention_resolutions = (7,)
-    c.model.num_heads = 1
-    c.model.num_groups = 8
-    c.model.dropout = 0.0
-    c.model.use_fourier_features = True
-    c.model.prediction = "eps"
-    # 0 means continuous time (VDM eq. 17); T > 0 gives the discrete-time bound with T steps.
-    c.model.timesteps = 0
-    c.model.use_antithetic_time = True
-    c.model.dtype = "float32"  # compute dtype of the denoiser; parameters stay float32
-    c.model.use_remat = False
-
+    c.model = _model_section()
     c.gamma = ml_collections.ConfigDict()
     c.gamma.schedule = "learned"
     c.gamma.gamma_min = -13.3
@@ -108,6 +126,42 @@ def _add_training_sections(c: ml_collections.ConfigDict) -> None:
     c.eval.use_quality = True
 
 
+def _validate_objective(m: ml_collections.ConfigDict, need) -> None:
+    """The training objective's fields of ``config.model`` (see :func:`validate`)."""
+    need(m.weighting in WEIGHTINGS, "model.weighting", m.weighting, f"one of {WEIGHTINGS}")
+    need(
+        m.noise_sampling in NOISE_SAMPLINGS,
+        "model.noise_sampling",
+        m.noise_sampling,
+        f"one of {NOISE_SAMPLINGS}",
+    )
+    need(
+        m.timesteps == 0 or m.weighting == "elbo",
+        "model.weighting",
+        m.weighting,
+        "weightings are defined in continuous time: set model.timesteps=0 or model.weighting=elbo",
+    )
+    need(
+        m.timesteps == 0 or m.noise_sampling == "uniform_t",
+        "model.noise_sampling",
+        m.noise_sampling,
+        "adaptive sampling is continuous-time: set model.timesteps=0 or noise_sampling=uniform_t",
+    )
+    need(m.histogram_bins > 0, "model.histogram_bins", m.histogram_bins, "must be positive")
+    need(
+        0.0 <= m.histogram_decay < 1.0,
+        "model.histogram_decay",
+        m.histogram_decay,
+        "must lie in [0, 1)",
+    )
+    need(
+        0.0 < m.histogram_uniform_fraction <= 1.0,
+        "model.histogram_uniform_fraction",
+        m.histogram_uniform_fraction,
+        "must lie in (0, 1] (the floor that keeps the sampling density positive)",
+    )
+
+
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks a config's values once; raises ``ValueError`` naming the bad field."""
 
@@ -128,6 +182,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(m.prediction in PREDICTIONS, "model.prediction", m.prediction, f"one of {PREDICTIONS}")
     need(m.timesteps >= 0, "model.timesteps", m.timesteps, "0 (continuous) or a positive T")
     need(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "float32 or bfloat16")
+    _validate_objective(m, need)
     need(g.schedule in SCHEDULES, "gamma.schedule", g.schedule, f"one of {SCHEDULES}")
     checks.check_gamma_order(g.gamma_min, g.gamma_max, "config.gamma.")
     need(g.hidden > 0, "gamma.hidden", g.hidden, "must be positive")

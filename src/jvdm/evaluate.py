@@ -46,7 +46,7 @@ def _bpd_draws(params, images, key, *, timesteps, draws):
 
     def one_draw(d):
         return model_lib.loss_terms(
-            params, images, jax.random.fold_in(key, d), train=False, timesteps=timesteps
+            model_lib.with_timesteps(params, timesteps), images, jax.random.fold_in(key, d)
         )
 
     # lax.map (not vmap) keeps memory at one draw's worth whatever `draws` is.

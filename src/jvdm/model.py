@@ -13,7 +13,11 @@ per example, in bits per dimension:
 
 The maths lives in :mod:`jvdm.losses`; this module only composes it. The diffusion term is a
 one-sample Monte Carlo estimate over ``t`` and ``eps``; with ``use_antithetic_time`` the batch's
-times are stratified, ``t_i = (u + i / B) mod 1``, which works for every batch size.
+times are stratified, ``t_i = (u + i / B) mod 1``, which works for every batch size. Training
+may weight the diffusion term (:mod:`jvdm.weighting`) and draw the noise level from a histogram
+(:mod:`jvdm.noise_sampling`, ``noise_sampling="adaptive"``); :func:`loss_terms` is always the
+ELBO with uniform times, whatever the training objective. The gradients used to train are in
+:mod:`jvdm.objective`; building a model from a config is :mod:`jvdm.build`.
 
 Parameterisations: the denoiser may predict ``eps``, ``x0`` or ``v = alpha eps - sigma x``. All
 three are turned into the same eps-space residual without dividing by a small ``sigma`` or
@@ -24,15 +28,15 @@ three are turned into the same eps-space residual without dividing by a small ``
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jvdm import accumulate, losses
-from jvdm.config import PREDICTIONS
+from jvdm import losses, noise_sampling, weighting
+from jvdm.config import NOISE_SAMPLINGS, PREDICTIONS
 from jvdm.nn import gamma as gamma_lib
 
 ENDPOINT_NAMES = ("gamma_min", "gamma_max")
@@ -51,6 +55,14 @@ class VDM:
       vocab_size: number of pixel values (256 for 8-bit data).
       use_antithetic_time: stratify the batch's diffusion times (lower-variance estimate).
       use_variance_gradient: train the schedule's interior on the loss variance (continuous time).
+      weighting: the training loss's weighting of noise levels, one of
+        :data:`jvdm.weighting.WEIGHTINGS` (``"elbo"``: the bound itself).
+      sigmoid_bias: ``b`` of the ``sigmoid`` weighting ``w = sigmoid(b - lambda)``.
+      noise_sampling: ``"uniform_t"`` (``t`` uniform, ``gamma = gamma(t)``) or ``"adaptive"``
+        (``gamma`` drawn from a histogram of the loss, :mod:`jvdm.noise_sampling`).
+      histogram_bins: bins of the loss histogram over ``lambda``.
+      histogram_decay: the histogram's EMA decay per step.
+      histogram_uniform_fraction: weight of the uniform density mixed into the adaptive one.
     """
 
     denoiser: nn.Module
@@ -61,6 +73,12 @@ class VDM:
     vocab_size: int = 256
     use_antithetic_time: bool = True
     use_variance_gradient: bool = True
+    weighting: str = "elbo"
+    sigmoid_bias: float = 2.0
+    noise_sampling: str = "uniform_t"
+    histogram_bins: int = 100
+    histogram_decay: float = 0.99
+    histogram_uniform_fraction: float = 0.1
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
@@ -69,6 +87,18 @@ class VDM:
             raise ValueError(f"timesteps={self.timesteps}; expected 0 (continuous) or T >= 1")
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
             raise ValueError(f"image_shape={self.image_shape}; expected (H, W, C)")
+        if self.weighting not in weighting.WEIGHTINGS:
+            raise ValueError(
+                f"weighting={self.weighting!r}; expected one of {weighting.WEIGHTINGS}"
+            )
+        if self.noise_sampling not in NOISE_SAMPLINGS:
+            raise ValueError(f"noise_sampling={self.noise_sampling!r}; one of {NOISE_SAMPLINGS}")
+        if self.timesteps and (self.weighting != "elbo" or self.noise_sampling != "uniform_t"):
+            raise ValueError("weightings and adaptive noise sampling need continuous time")
+        if not (self.histogram_bins >= 1 and 0.0 <= self.histogram_decay < 1.0):
+            raise ValueError(f"{self.histogram_bins=}, {self.histogram_decay=}")
+        if not 0.0 < self.histogram_uniform_fraction <= 1.0:
+            raise ValueError(f"{self.histogram_uniform_fraction=}; expected in (0, 1]")
 
     @property
     def num_dims(self) -> int:
@@ -158,26 +188,74 @@ def _eps_residual_pair(pred: str, out, x, eps, g):
     return alpha * v, alpha * out
 
 
-def _sample_times(model: VDM, key: jax.Array, batch: int, timesteps: int):
+class NoiseDraws(NamedTuple):
+    """The randomness of one estimate of the bound, drawn for the whole batch.
+
+    Attributes:
+      t: ``[B]`` diffusion times, or with ``noise_sampling="adaptive"`` positions ``u`` in
+        ``[0, 1]`` of ``gamma = gamma_0 + u (gamma_1 - gamma_0)``.
+      s: ``[B]`` the previous times ``t - 1/T`` in discrete time (``t`` in continuous time).
+      density: ``[B]`` the density ``q(u)`` that ``t`` was drawn from (ones for uniform times).
+      eps: ``[B, H, W, C]`` the noise of ``z_t``.
+      eps0: ``[B, H, W, C]`` the noise of ``z_0`` (reconstruction term).
+      key_dropout: the dropout key.
+    """
+
+    t: jax.Array
+    s: jax.Array
+    density: jax.Array
+    eps: jax.Array
+    eps0: jax.Array
+    key_dropout: jax.Array
+
+
+class ScheduleValues(NamedTuple):
+    """Every value of the schedule the bound uses: ``g_t, dg_t, g_s`` ``[B]``, ``g_0, g_1`` ``[]``.
+
+    ``dg_t`` is the Jacobian ``dgamma/dt`` of the estimator: ``gamma'(t)`` for uniform times,
+    ``(gamma_1 - gamma_0) / q(u)`` for adaptive draws.
+    """
+
+    g_t: jax.Array
+    dg_t: jax.Array
+    g_s: jax.Array
+    g_0: jax.Array
+    g_1: jax.Array
+
+
+def _sample_times(model: VDM, key: jax.Array, batch: int):
     """Diffusion times ``t`` (and ``s = t - 1/T`` in discrete time), shape ``[B]``."""
     if model.use_antithetic_time:
         u = jax.random.uniform(key, ())
         t = jnp.mod(u + jnp.arange(batch, dtype=jnp.float32) / batch, 1.0)
     else:
         t = jax.random.uniform(key, (batch,))
-    if timesteps == 0:
+    T = model.timesteps
+    if T == 0:
         return t, t
-    i = jnp.clip(jnp.floor(t * timesteps) + 1.0, 1.0, timesteps)
-    return i / timesteps, (i - 1.0) / timesteps
+    i = jnp.clip(jnp.floor(t * T) + 1.0, 1.0, T)
+    return i / T, (i - 1.0) / T
 
 
-def _noise(model: VDM, key: jax.Array, images: jax.Array, timesteps: int):
+def draw_noise(model: VDM, key: jax.Array, batch_shape, histogram=None) -> NoiseDraws:
+    """The batch's :class:`NoiseDraws`: positions drawn from ``histogram`` (``[2, K]``, see
+    :mod:`jvdm.noise_sampling`) when one is given, else uniform times (as evaluation uses)."""
     k_t, k_eps, k_eps0, k_drop = jax.random.split(key, 4)
-    t, s = _sample_times(model, k_t, images.shape[0], timesteps)
-    shape = images.shape
-    eps = jax.random.normal(k_eps, shape, jnp.float32)
-    eps0 = jax.random.normal(k_eps0, shape, jnp.float32)
-    return t, s, eps, eps0, k_drop
+    batch = batch_shape[0]
+    if histogram is not None:
+        t, density = noise_sampling.sample_positions(
+            k_t,
+            batch,
+            histogram,
+            uniform_fraction=model.histogram_uniform_fraction,
+            use_antithetic=model.use_antithetic_time,
+        )
+        s = t
+    else:
+        (t, s), density = _sample_times(model, k_t, batch), jnp.ones((batch,), jnp.float32)
+    eps = jax.random.normal(k_eps, batch_shape, jnp.float32)
+    eps0 = jax.random.normal(k_eps0, batch_shape, jnp.float32)
+    return NoiseDraws(t, s, density, eps, eps0, k_drop)
 
 
 def _check_images(model: VDM, images: jax.Array) -> None:
@@ -190,282 +268,122 @@ def _check_images(model: VDM, images: jax.Array) -> None:
         raise ValueError(f"images have dtype {images.dtype}; expected uint8 pixel values 0..255")
 
 
-def _diffusion_term(model: VDM, den_params, x, eps, g_t, dg_t, g_s, k_drop, *, train, timesteps):
+def _diffusion_term(model: VDM, den_params, x, eps, sv: ScheduleValues, k_drop, *, train):
     """The diffusion term per example in nats, for continuous data ``x`` in model space."""
-    alpha_t, sigma_t = (_bcast(a, x) for a in _alpha_sigma(g_t))
+    alpha_t, sigma_t = (_bcast(a, x) for a in _alpha_sigma(sv.g_t))
     z_t = alpha_t * x + sigma_t * eps
     rngs = {"dropout": k_drop} if train else None
-    out = model.denoiser.apply(den_params, z_t, g_t, train=train, rngs=rngs)
-    target, estimate = _eps_residual_pair(model.prediction, out, x, eps, g_t)
-    if timesteps == 0:
-        return losses.continuous_diffusion_loss(target, estimate, dg_t)
-    return timesteps * losses.discrete_diffusion_loss(target, estimate, g_s, g_t)
+    out = model.denoiser.apply(den_params, z_t, sv.g_t, train=train, rngs=rngs)
+    target, estimate = _eps_residual_pair(model.prediction, out, x, eps, sv.g_t)
+    if model.timesteps == 0:
+        return losses.continuous_diffusion_loss(target, estimate, sv.dg_t)
+    return model.timesteps * losses.discrete_diffusion_loss(target, estimate, sv.g_s, sv.g_t)
 
 
-def _bound_terms(
-    model: VDM, den_params, images, g_t, dg_t, g_s, g_0, g_1, noise, *, train, timesteps
+def bound_terms(
+    model: VDM, den_params, images, sv: ScheduleValues, noise: NoiseDraws, *, train
 ) -> dict[str, jax.Array]:
     """The three bound terms per example in nats, given the schedule's values as plain inputs.
 
     Taking ``gamma`` values as inputs (not the schedule's parameters) lets one backward pass give
     the per-example derivatives ``dL_i/dgamma_t`` that the variance gradient needs.
     """
-    _, _, eps, eps0, k_drop = noise
     x = losses.scale_pixels(images, model.vocab_size)
-    alpha_0, sigma_0 = _alpha_sigma(g_0)
-    z_0 = alpha_0 * x + sigma_0 * eps0
-    recon = -losses.decoder_log_likelihood(images, z_0, g_0, model.vocab_size)
-    prior = losses.prior_kl_from_gamma(x, g_1)
-    diffusion = _diffusion_term(
-        model, den_params, x, eps, g_t, dg_t, g_s, k_drop, train=train, timesteps=timesteps
-    )
+    alpha_0, sigma_0 = _alpha_sigma(sv.g_0)
+    z_0 = alpha_0 * x + sigma_0 * noise.eps0
+    recon = -losses.decoder_log_likelihood(images, z_0, sv.g_0, model.vocab_size)
+    prior = losses.prior_kl_from_gamma(x, sv.g_1)
+    diffusion = _diffusion_term(model, den_params, x, noise.eps, sv, noise.key_dropout, train=train)
     return {"recon": recon, "prior": prior, "diffusion": diffusion}
 
 
-def diffusion_loss(
-    params: VDMParams,
-    x: jax.Array,
-    key: jax.Array,
-    *,
-    train: bool = False,
-    timesteps: int | None = None,
-) -> jax.Array:
-    """A one-sample estimate of the diffusion term, per example, in nats, for continuous data.
+def schedule_values(model: VDM, noise: NoiseDraws, *, adaptive: bool = False):
+    """A function of the schedule's parameters giving the :class:`ScheduleValues` of ``noise``.
+
+    For ``adaptive`` draws (positions ``u`` from a histogram)
+    ``gamma = gamma_0 + u (gamma_1 - gamma_0)`` with Jacobian ``(gamma_1 - gamma_0) / q(u)``: only
+    the end points of the schedule enter.
+    """
+
+    def values(sched_params) -> ScheduleValues:
+        fn = lambda u: model.schedule.apply(sched_params, u)
+        ends = lambda: fn(jnp.array([0.0, 1.0], jnp.float32))
+        if adaptive:
+            g_0, g_1 = ends()
+            g_t = g_0 + noise.t * (g_1 - g_0)
+            return ScheduleValues(g_t, (g_1 - g_0) / noise.density, g_t, g_0, g_1)
+        # This order of evaluation fixes the order in which the VJP sums the end points' gradients.
+        g_t, dg_t = gamma_lib.gamma_and_derivative(fn, noise.t)
+        g_s = fn(noise.s) if model.timesteps else g_t
+        g_0, g_1 = ends()
+        return ScheduleValues(g_t, dg_t, g_s, g_0, g_1)
+
+    return values
+
+
+def diffusion_loss(params: VDMParams, x: jax.Array, key: jax.Array, *, train: bool = False):
+    """A one-sample estimate of the diffusion term (ELBO, uniform times), per example, in nats,
+    for continuous data.
 
     Args:
-      params: the model's parameters.
+      params: the model's parameters (for another ``T``, pass
+        ``params.replace(model=dataclasses.replace(params.model, timesteps=T))``).
       x: float data ``[B, H, W, C]`` in model space (8-bit images map to ``[-1, 1]`` by
         :func:`jvdm.losses.scale_pixels`).
       key: randomness for ``t``, ``eps`` and dropout.
       train: apply dropout.
-      timesteps: override the model's ``T`` (``0`` = continuous time).
 
     References: VDM eq. 14 (discrete) and eq. 17 (continuous).
     """
     model = params.model
     if x.ndim != 4 or tuple(x.shape[1:]) != tuple(model.image_shape):
         raise ValueError(f"x has shape {x.shape}; expected [B, {model.image_shape}]")
-    T = model.timesteps if timesteps is None else int(timesteps)
-    t, s, eps, _, k_drop = _noise(model, key, x, T)
-    g_t, dg_t, g_s, _, _ = _schedule_values(model, T, t, s)(params.schedule)
-    return _diffusion_term(
-        model,
-        params.denoiser,
-        x.astype(jnp.float32),
-        eps,
-        g_t,
-        dg_t,
-        g_s,
-        k_drop,
-        train=train,
-        timesteps=T,
-    )
+    noise = draw_noise(model, key, x.shape)
+    sv = schedule_values(model, noise)(params.schedule)
+    x = x.astype(jnp.float32)
+    return _diffusion_term(model, params.denoiser, x, noise.eps, sv, noise.key_dropout, train=train)
 
 
-def _schedule_values(model: VDM, timesteps: int, t, s):
-    """A function of the schedule's parameters giving every gamma value the bound uses."""
-
-    def values(sched_params):
-        fn = lambda u: model.schedule.apply(sched_params, u)
-        g_t, dg_t = gamma_lib.gamma_and_derivative(fn, t)
-        g_s = fn(s) if timesteps else g_t
-        g_ends = fn(jnp.array([0.0, 1.0], jnp.float32))
-        return g_t, dg_t, g_s, g_ends[0], g_ends[1]
-
-    return values
-
-
-def _to_bpd(model: VDM, terms: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def to_bpd(model: VDM, terms: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-example terms in nats -> bpd, with their sum ``bpd`` (the ELBO's three terms)."""
     out = {f"{k}_bpd": losses.bpd_from_nats(v, model.num_dims) for k, v in terms.items()}
     out["bpd"] = out["recon_bpd"] + out["prior_bpd"] + out["diffusion_bpd"]
     return out
 
 
 def loss_terms(
-    params: VDMParams,
-    images: jax.Array,
-    key: jax.Array,
-    *,
-    train: bool = False,
-    timesteps: int | None = None,
+    params: VDMParams, images: jax.Array, key: jax.Array, *, train: bool = False
 ) -> dict[str, jax.Array]:
     """Per-example bound terms in bits per dimension: ``bpd``, ``recon_bpd``, ``prior_bpd``,
-    ``diffusion_bpd``, each of shape ``[B]``.
+    ``diffusion_bpd``, each of shape ``[B]``: the ELBO (``w = 1``, uniform times) whatever the
+    model's training weighting and noise sampling.
 
     Args:
-      params: the model's parameters.
+      params: the model's parameters; evaluate with another ``T`` (``0`` = continuous time) by
+        ``params.replace(model=dataclasses.replace(params.model, timesteps=T))``.
       images: uint8 ``[B, H, W, C]``.
       key: randomness for ``t``, ``eps`` and dropout.
       train: apply dropout.
-      timesteps: override the model's ``T`` (``0`` = continuous time); by default the model's own.
     """
     model = params.model
     _check_images(model, images)
+    noise = draw_noise(model, key, images.shape)
+    sv = schedule_values(model, noise)(params.schedule)
+    terms = bound_terms(model, params.denoiser, images, sv, noise, train=train)
+    return to_bpd(model, terms)
+
+
+def with_timesteps(params: VDMParams, timesteps: int | None) -> VDMParams:
+    """``params`` whose model uses ``timesteps`` steps (``0`` = continuous time, ``None``: as is),
+    trained with the ELBO: a :func:`dataclasses.replace` of the frozen :class:`VDM`."""
+    model = params.model
     T = model.timesteps if timesteps is None else int(timesteps)
-    noise = _noise(model, key, images, T)
-    g_t, dg_t, g_s, g_0, g_1 = _schedule_values(model, T, noise[0], noise[1])(params.schedule)
-    terms = _bound_terms(
-        model, params.denoiser, images, g_t, dg_t, g_s, g_0, g_1, noise, train=train, timesteps=T
-    )
-    return _to_bpd(model, terms)
+    if T == model.timesteps:
+        return params
+    new = dataclasses.replace(model, timesteps=T, weighting="elbo", noise_sampling="uniform_t")
+    return params.replace(model=new)
 
 
 def is_endpoint(path) -> bool:
     """Whether a schedule parameter (by its pytree path) is an end point gamma_min/gamma_max."""
     return any(getattr(p, "key", None) in ENDPOINT_NAMES for p in path)
-
-
-def _bound_grads(model: VDM, den_params, images, per_example, g_0, g_1, noise, *, train, k):
-    """``((mean bpd, per-example bpd terms), cotangents)`` of the bound, in ``k`` micro-batches.
-
-    The cotangents are the gradients of the batch-mean bound with respect to the denoiser's
-    parameters, the per-example ``gamma_t, gamma'_t, gamma_s`` and the end points. With ``k > 1``
-    a ``lax.scan`` runs forward and backward on one micro-batch at a time (peak memory of
-    ``B / k`` examples) and sums the gradients of ``sum(bpd_i) / B``: the batch's mean, with the
-    same times and noise as the whole batch would use.
-    """
-    T = model.timesteps
-
-    def objective(den_params, g_t, dg_t, g_s, g_0, g_1, images, noise, scale):
-        terms = _bound_terms(
-            model, den_params, images, g_t, dg_t, g_s, g_0, g_1, noise, train=train, timesteps=T
-        )
-        bpd = _to_bpd(model, terms)
-        return scale(bpd["bpd"]), bpd
-
-    grad_fn = jax.value_and_grad(objective, argnums=(0, 1, 2, 3, 4, 5), has_aux=True)
-    if k == 1:
-        return grad_fn(den_params, *per_example, g_0, g_1, images, noise, jnp.mean)
-    t, s, eps, eps0, k_drop = noise
-    batch = images.shape[0]
-    scale = lambda v: jnp.sum(v) / batch  # sums over the micro-batches to the batch's mean
-
-    def micro(i, xs):
-        images_i, eps_i, eps0_i, per_example_i = xs
-        noise_i = (t, s, eps_i, eps0_i, jax.random.fold_in(k_drop, i))
-        (loss_i, bpd_i), (g_den, c_t, c_dt, c_s, c_0, c_1) = grad_fn(
-            den_params, *per_example_i, g_0, g_1, images_i, noise_i, scale
-        )
-        return (loss_i, g_den, c_0, c_1), (bpd_i, c_t, c_dt, c_s)
-
-    summed_like = (jnp.zeros((), jnp.float32), den_params, g_0, g_1)
-    (loss, g_den, c_0, c_1), (bpd, c_t, c_dt, c_s) = accumulate.scan_micro_batches(
-        micro, (images, eps, eps0, tuple(per_example)), k, summed_like
-    )
-    return (loss, bpd), (g_den, c_t, c_dt, c_s, c_0, c_1)
-
-
-def loss_and_grads(
-    params: VDMParams,
-    images: jax.Array,
-    key: jax.Array,
-    *,
-    train: bool = True,
-    micro_batches: int = 1,
-) -> tuple[jax.Array, dict[str, jax.Array], VDMParams]:
-    """The mean bound (bpd) over the batch, metrics, and the gradients used to train.
-
-    The denoiser and the schedule's end points get the gradient of the bound. In continuous time
-    with ``use_variance_gradient``, the schedule's interior instead gets the gradient of the mean
-    *squared* diffusion loss ``E[L_diff^2]`` (VDM appendix I.2): by the chain rule
-    ``d E[L^2] / d eta = E[2 L dL/d gamma  d gamma / d eta]``, so one backward pass that yields the
-    per-example ``dL_i/d gamma_t`` and ``dL_i/d gamma'_t`` serves both gradients, and a second,
-    cheap VJP through the small schedule network applies the weights ``2 L_i``.
-
-    Why the bound is unchanged: in continuous time the bound depends on the schedule only through
-    ``gamma(0)`` and ``gamma(1)`` (VDM eq. 18), which are separate parameters kept out of the
-    interior; moving the interior changes only the variance of the estimator, never its mean, and
-    since ``E[L]`` is then fixed, minimising ``E[L^2]`` is minimising ``Var[L]``. In discrete time
-    the bound does depend on the interior, so there every schedule parameter follows the bound.
-
-    Gradient accumulation: with ``micro_batches = k > 1`` the denoiser runs on ``B / k`` examples
-    at a time (:func:`_bound_grads`). The times (stratified over the whole batch), the noise and
-    the schedule's values are drawn for the whole batch first, so the result is the whole batch's,
-    up to the order of floating-point sums (and dropout masks, drawn per micro-batch).
-
-    Returns:
-      ``(loss, metrics, grads)`` where ``grads`` has the structure of ``params``.
-    """
-    model = params.model
-    _check_images(model, images)
-    if images.shape[0] % micro_batches:
-        raise ValueError(
-            f"a batch of {images.shape[0]} images does not split into {micro_batches=}"
-        )
-    T = model.timesteps
-    noise = _noise(model, key, images, T)
-    sched_values = _schedule_values(model, T, noise[0], noise[1])
-    (g_t, dg_t, g_s, g_0, g_1), sched_vjp = jax.vjp(sched_values, params.schedule)
-    (loss, bpd), (g_den, c_t, c_dt, c_s, c_0, c_1) = _bound_grads(
-        model,
-        params.denoiser,
-        images,
-        (g_t, dg_t, g_s),
-        g_0,
-        g_1,
-        noise,
-        train=train,
-        k=micro_batches,
-    )
-    (g_sched,) = sched_vjp((c_t, c_dt, c_s, c_0, c_1))
-    if T == 0 and model.use_variance_gradient:
-        # d mean(L_i^2)/d gamma_t[i] = 2 L_i * d mean(L)/d gamma_t[i]: reweight the cotangents.
-        two_l = 2.0 * jax.lax.stop_gradient(bpd["diffusion_bpd"])
-        zero = jnp.zeros_like
-        (g_var,) = sched_vjp((two_l * c_t, two_l * c_dt, zero(c_s), zero(c_0), zero(c_1)))
-        g_sched = jax.tree_util.tree_map_with_path(
-            lambda path, g_elbo, g_v: g_elbo if is_endpoint(path) else g_v, g_sched, g_var
-        )
-    grads = params.replace(denoiser=g_den, schedule=g_sched)
-    metrics = {k: jnp.mean(v) for k, v in bpd.items()}
-    metrics["diffusion_bpd_var"] = jnp.var(bpd["diffusion_bpd"])
-    metrics["gamma_min"] = g_0
-    metrics["gamma_max"] = g_1
-    return loss, metrics, grads
-
-
-def from_config(config) -> VDM:
-    """Builds the :class:`VDM` that an experiment config describes."""
-    from jvdm.datasets import image_shape as dataset_shape  # the catalogue: no tfds, no data
-    from jvdm.nn import unet as unet_lib
-
-    image_shape = dataset_shape(config.data.name, config.data.data_dir)
-    m, g = config.model, config.gamma
-    denoiser = unet_lib.UNet(
-        channels=m.channels,
-        channel_mult=tuple(m.channel_mult),
-        num_res_blocks=m.num_res_blocks,
-        attention_resolutions=tuple(m.attention_resolutions),
-        num_heads=m.num_heads,
-        num_groups=m.num_groups,
-        dropout=m.dropout,
-        use_fourier_features=m.use_fourier_features,
-        gamma_min=g.gamma_min,
-        gamma_max=g.gamma_max,
-        dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
-        use_remat=m.use_remat,
-    )
-    if g.schedule == "learned":
-        schedule = gamma_lib.LearnedGamma(
-            gamma_min_init=g.gamma_min, gamma_max_init=g.gamma_max, hidden=g.hidden
-        )
-    elif g.schedule == "linear":
-        schedule = gamma_lib.FixedLinearGamma(gamma_min=g.gamma_min, gamma_max=g.gamma_max)
-    elif g.schedule == "cosine":
-        schedule = gamma_lib.CosineGamma(gamma_min=g.gamma_min, gamma_max=g.gamma_max)
-    else:
-        schedule = gamma_lib.DDPMGamma(timesteps=g.ddpm_timesteps)
-    return VDM(
-        denoiser=denoiser,
-        schedule=schedule,
-        image_shape=tuple(image_shape),
-        timesteps=m.timesteps,
-        prediction=m.prediction,
-        use_antithetic_time=m.use_antithetic_time,
-        use_variance_gradient=g.use_variance_gradient,
-    )
-
-
-def init_params(config, key: jax.Array) -> VDMParams:
-    """The model of ``config``, initialised."""
-    return init(from_config(config), key)

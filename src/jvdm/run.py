@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jvdm import build
 from jvdm import model as model_lib
 from jvdm.errors import JvdmUserError
 from jvdm.workdir import CHECKPOINT_DIR, CONFIG_FILE
@@ -180,7 +181,7 @@ def load_with_config(path: str | os.PathLike):
     workdir, step_dir = resolve_checkpoint(path)
     step_dir = _verified(path, step_dir)
     config = load_config(workdir)
-    model = model_lib.from_config(config)
+    model = build.from_config(config)
     try:
         return _restore_ema(step_dir, model), config
     except (OSError, ValueError) as err:  # a damaged checkpoint that has no checksum

@@ -21,8 +21,8 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
+from jvdm import build, noise_sampling, objective, parallel
 from jvdm import model as model_lib
-from jvdm import parallel
 from jvdm.errors import JvdmUserError
 
 __all__ = [
@@ -51,6 +51,9 @@ class TrainState(struct.PyTreeNode):
       opt_state: the optax state of ``tx``.
       skipped_total: int32 ``[]``, updates skipped because the loss or a gradient was not finite.
       skipped_consecutive: int32 ``[]``, how many of the most recent steps were skipped in a row.
+      loss_histogram: float32 ``[2, K]``, the EMA of the training loss over ``lambda`` bins that
+        ``noise_sampling="adaptive"`` draws noise levels from (:mod:`jvdm.noise_sampling`);
+        computed from the global batch inside the step, so it is the same on every device.
       tx: the optimizer (static).
       lr_schedule: the learning rate as a function of the number of applied updates (static; the
         same schedule ``tx`` uses, kept for the ``lr`` metric).
@@ -63,6 +66,7 @@ class TrainState(struct.PyTreeNode):
     opt_state: optax.OptState
     skipped_total: jax.Array
     skipped_consecutive: jax.Array
+    loss_histogram: jax.Array
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     lr_schedule: optax.Schedule = struct.field(pytree_node=False)
     ema_decay: float = struct.field(pytree_node=False)
@@ -158,6 +162,7 @@ def _init_state_impl(model, tx, lr_schedule, ema_decay, key) -> TrainState:
         opt_state=tx.init(params),
         skipped_total=zero,
         skipped_consecutive=zero,
+        loss_histogram=noise_sampling.init_histogram(model.histogram_bins),
         tx=tx,
         lr_schedule=lr_schedule,
         ema_decay=ema_decay,
@@ -182,7 +187,7 @@ def _init_fn():
 def state_spec(config) -> tuple[Any, ...]:
     """The static arguments that define a run's state: ``(model, tx, lr_schedule, ema_decay)``."""
     tx, lr_schedule = make_optimizer(config)
-    return model_lib.from_config(config), tx, lr_schedule, float(config.optimizer.ema_decay)
+    return build.from_config(config), tx, lr_schedule, float(config.optimizer.ema_decay)
 
 
 def create_train_state(config, key: jax.Array, *, mesh: Mesh | None = None) -> TrainState:
@@ -228,14 +233,16 @@ def _gamma_in_order(params: model_lib.VDMParams) -> jax.Array:
     return g_1 > g_0
 
 
-def _apply_or_keep(state: TrainState, *, grads, applied) -> tuple[TrainState, jax.Array]:
+def _apply_or_keep(state: TrainState, *, grads, applied, histogram) -> tuple[TrainState, jax.Array]:
     """``(state after the update, its norm)``, or ``(state, NaN)`` when the update is not finite
     or would leave ``gamma_max <= gamma_min``."""
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(applied, state.ema_decay)
     ema_params = optax.incremental_update(params, state.ema_params, 1.0 - decay)
-    new = state.replace(params=params, ema_params=ema_params, opt_state=opt_state)
+    new = state.replace(
+        params=params, ema_params=ema_params, opt_state=opt_state, loss_histogram=histogram
+    )
     update_norm = optax.tree.norm(updates)
     # Finite gradients can still overflow in the update (huge Adam ratios), and an update can
     # reverse a learned schedule's end points: either keeps the old state.
@@ -262,11 +269,12 @@ def _train_step(
 
     Pure and compiled once per run (the state is donated, so its buffers are reused in place).
     The step's randomness is ``fold_in(key, state.step)``. Gradients come from
-    :func:`jvdm.model.loss_and_grads` (the bound for the denoiser and the schedule's end points, the
-    loss variance for the schedule's interior); they are clipped by global norm and applied by
-    AdamW, and the EMA follows with ``optax.incremental_update``. A step whose loss, gradients or
-    update are not finite, or whose update would leave ``gamma_max <= gamma_min`` (the learned
-    schedule's order), changes nothing but ``step`` and the skip counters.
+    :func:`jvdm.objective.loss_and_grads` (the objective for the denoiser and the schedule's end
+    points, the loss variance for the schedule's interior); they are clipped by global norm and
+    applied by AdamW, and the EMA follows with ``optax.incremental_update``. A step whose loss,
+    gradients or update are not finite, or whose update would leave ``gamma_max <= gamma_min``
+    (the learned schedule's order), changes nothing but ``step`` and the skip counters (the loss
+    histogram included).
 
     With ``grad_accum_steps = k`` the gradients are accumulated over ``k`` micro-batches of
     ``B / k`` images inside this one program (``lax.scan``), then applied once: the update of the
@@ -279,14 +287,20 @@ def _train_step(
       grad_accum_steps: micro-batches per step (static); must divide the per-device batch.
 
     Returns:
-      the new state and scalar metrics: ``bpd``, ``recon_bpd``, ``prior_bpd``,
-      ``diffusion_bpd``, ``diffusion_bpd_var``, ``gamma_min``, ``gamma_max``, ``loss``,
+      the new state and scalar metrics: ``bpd`` (the ELBO estimate), ``recon_bpd``,
+      ``prior_bpd``, ``diffusion_bpd``, ``diffusion_bpd_var``, ``gamma_min``, ``gamma_max``,
+      ``loss`` (the training objective), ``weighted_diffusion_bpd`` (with a weighting),
       ``grad_norm`` (before clipping), ``param_norm``, ``update_norm``, ``lr``, ``skipped`` (this
       step), ``skipped_total`` and ``skipped_consecutive``.
     """
     step_key = jax.random.fold_in(key, state.step)
-    loss, terms, grads = model_lib.loss_and_grads(
-        state.params, batch["image"], step_key, train=True, micro_batches=grad_accum_steps
+    loss, terms, grads, histogram = objective.loss_and_grads(
+        state.params,
+        batch["image"],
+        step_key,
+        train=True,
+        micro_batches=grad_accum_steps,
+        histogram=state.loss_histogram,
     )
     grad_norm = optax.tree.norm(grads)
     applied = state.step - state.skipped_total  # updates applied so far (optax's own count)
@@ -298,7 +312,7 @@ def _train_step(
     # non-finite) keeps the old state. `lax.cond` over the whole update, decided on device so the
     # host never waits: cheaper than a `where` per parameter (bench/RESULTS.md), and a skipped
     # step does not even run the optimizer.
-    apply = functools.partial(_apply_or_keep, grads=grads, applied=applied)
+    apply = functools.partial(_apply_or_keep, grads=grads, applied=applied, histogram=histogram)
     new_state, update_norm = jax.lax.cond(
         jnp.isfinite(loss) & jnp.isfinite(grad_norm), apply, skip, state
     )

@@ -1,0 +1,68 @@
+"""Building a :class:`jvdm.model.VDM` from an experiment config, and initialising it.
+
+The only model-level code that reads a config (``ml_collections``): it turns the config's fields
+into the explicit arguments of the networks and of :class:`~jvdm.model.VDM`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jvdm.model import VDM, VDMParams, init
+from jvdm.nn import gamma as gamma_lib
+
+__all__ = ["from_config", "init_params"]
+
+
+def from_config(config) -> VDM:
+    """Builds the :class:`VDM` that an experiment config describes."""
+    from jvdm.datasets import image_shape as dataset_shape  # the catalogue: no tfds, no data
+    from jvdm.nn import unet as unet_lib
+
+    image_shape = dataset_shape(config.data.name, config.data.data_dir)
+    m, g = config.model, config.gamma
+    denoiser = unet_lib.UNet(
+        channels=m.channels,
+        channel_mult=tuple(m.channel_mult),
+        num_res_blocks=m.num_res_blocks,
+        attention_resolutions=tuple(m.attention_resolutions),
+        num_heads=m.num_heads,
+        num_groups=m.num_groups,
+        dropout=m.dropout,
+        use_fourier_features=m.use_fourier_features,
+        gamma_min=g.gamma_min,
+        gamma_max=g.gamma_max,
+        dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
+        use_remat=m.use_remat,
+    )
+    if g.schedule == "learned":
+        schedule = gamma_lib.LearnedGamma(
+            gamma_min_init=g.gamma_min, gamma_max_init=g.gamma_max, hidden=g.hidden
+        )
+    elif g.schedule == "linear":
+        schedule = gamma_lib.FixedLinearGamma(gamma_min=g.gamma_min, gamma_max=g.gamma_max)
+    elif g.schedule == "cosine":
+        schedule = gamma_lib.CosineGamma(gamma_min=g.gamma_min, gamma_max=g.gamma_max)
+    else:
+        schedule = gamma_lib.DDPMGamma(timesteps=g.ddpm_timesteps)
+    return VDM(
+        denoiser=denoiser,
+        schedule=schedule,
+        image_shape=tuple(image_shape),
+        timesteps=m.timesteps,
+        prediction=m.prediction,
+        use_antithetic_time=m.use_antithetic_time,
+        use_variance_gradient=g.use_variance_gradient,
+        weighting=m.weighting,
+        sigmoid_bias=m.sigmoid_bias,
+        noise_sampling=m.noise_sampling,
+        histogram_bins=m.histogram_bins,
+        histogram_decay=m.histogram_decay,
+        histogram_uniform_fraction=m.histogram_uniform_fraction,
+    )
+
+
+def init_params(config, key: jax.Array) -> VDMParams:
+    """The model of ``config``, initialised."""
+    return init(from_config(config), key)
