@@ -32,13 +32,12 @@ def run() -> dict:
     import numpy as np
 
     import ode_problem
+    from jvdm import build, evaluate, sampling
     from jvdm import config as config_lib
-    from jvdm import evaluate, sampling
-    from jvdm import model as model_lib
 
     config = config_lib.load_config_file(os.path.join(REPO, "experiments", "tiny.py"))
     config = config_lib.apply_overrides(config, OVERRIDES)
-    params = model_lib.init_params(config, jax.random.key(0))
+    params = build.init_params(config, jax.random.key(0))
     result = evaluate.evaluate_split(
         params, dataset="mnist_subset", split="test", key=jax.random.key(1), batch_size=250
     )
