@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
+from jvdm import decoder as dec
 from jvdm import losses as L
 from jvdm import schedules as S
 
@@ -403,12 +404,13 @@ def test_decoder_values_and_gradients_against_float64(gammas):
 
 def test_decoder_window_bound_holds_by_brute_force():
     """The claim behind the 16-value window, checked in float64 over a grid of offsets."""
-    V, W = 256, L._WINDOW
+    V, W = 256, dec._WINDOW
     # The gamma_0 at which _window_is_exact switches, found by bisection on the library's test.
     lo, hi = -30.0, 10.0
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if bool(L._window_is_exact(jnp.float32(np.exp(-mid)), V)) else (lo, mid)
+        exact = bool(dec._window_is_exact(jnp.float32(np.exp(-mid)), V))
+        lo, hi = (mid, hi) if exact else (lo, mid)
     assert -9.3 < lo < -9.0
     delta = np.linspace(-1, 1, 2001)[:, None] / V  # |delta| <= 1/V in the interior
 
@@ -421,7 +423,7 @@ def test_decoder_window_bound_holds_by_brute_force():
         outside = np.abs(k - m) > W
         return (e * outside).sum(-1).max() / (e * ~outside).sum(-1).min()
 
-    assert dropped_over_kept(lo) < 2 * np.exp(-L._WINDOW_MARGIN)  # exact where it is used
+    assert dropped_over_kept(lo) < 2 * np.exp(-dec._WINDOW_MARGIN)  # exact where it is used
     assert dropped_over_kept(-5.0) > 1e-4  # and needed: the window would be wrong at high noise
 
 

@@ -34,14 +34,14 @@ _SOURCES: dict[str, str] = {
     # losses
     "bpd_from_nats": "jvdm.losses",
     "continuous_diffusion_loss": "jvdm.losses",
-    "decoder_log_likelihood": "jvdm.losses",
-    "decoder_log_probs": "jvdm.losses",
+    "decoder_log_likelihood": "jvdm.decoder",
+    "decoder_log_probs": "jvdm.decoder",
     "denoising_matching_kl": "jvdm.losses",
     "discrete_diffusion_loss": "jvdm.losses",
     "gaussian_kl": "jvdm.losses",
     "prior_kl": "jvdm.losses",
     "prior_kl_from_gamma": "jvdm.losses",
-    "scale_pixels": "jvdm.losses",
+    "scale_pixels": "jvdm.decoder",
     "snr_weighted_loss": "jvdm.losses",
     # weighted losses (VDM++) and importance-sampled noise levels
     "diffusion_weight": "jvdm.weighting",

@@ -250,6 +250,11 @@ def _apply_or_keep(state: TrainState, *, grads, applied, histogram) -> tuple[Tra
     return jax.lax.cond(ok, lambda: new, lambda: state), jnp.where(ok, update_norm, jnp.nan)
 
 
+def _keep(state: TrainState) -> tuple[TrainState, jax.Array]:
+    """The skipped step's ``(state, update norm)``: the old state, and NaN."""
+    return state, jnp.asarray(jnp.nan, jnp.float32)
+
+
 def _count_step(old: TrainState, new: TrainState, update_norm) -> tuple[TrainState, jax.Array]:
     """``new`` with the step and skip counters advanced (a NaN ``update_norm`` marks a skip)."""
     is_finite = jnp.isfinite(update_norm)
@@ -276,9 +281,8 @@ def _train_step(
     (the learned schedule's order), changes nothing but ``step`` and the skip counters (the loss
     histogram included).
 
-    With ``grad_accum_steps = k`` the gradients are accumulated over ``k`` micro-batches of
-    ``B / k`` images inside this one program (``lax.scan``), then applied once: the update of the
-    whole batch ``B`` (same times and noise) in the memory of ``B / k``.
+    With ``grad_accum_steps = k``, ``k`` micro-batches of ``B / k`` images (``lax.scan``), then one
+    update: the whole batch's update (same times and noise) in the memory of ``B / k``.
 
     Args:
       state: the :class:`TrainState`, replicated over the mesh.
@@ -287,11 +291,9 @@ def _train_step(
       grad_accum_steps: micro-batches per step (static); must divide the per-device batch.
 
     Returns:
-      the new state and scalar metrics: ``bpd`` (the ELBO estimate), ``recon_bpd``,
-      ``prior_bpd``, ``diffusion_bpd``, ``diffusion_bpd_var``, ``gamma_min``, ``gamma_max``,
-      ``loss`` (the training objective), ``weighted_diffusion_bpd`` (with a weighting),
-      ``grad_norm`` (before clipping), ``param_norm``, ``update_norm``, ``lr``, ``skipped`` (this
-      step), ``skipped_total`` and ``skipped_consecutive``.
+      the new state and scalar metrics: ``bpd`` (the ELBO estimate) and its terms, ``loss`` (the
+      training objective), ``grad_norm`` (before clipping), ``param_norm``, ``update_norm``,
+      ``lr``, ``skipped`` (this step), ``skipped_total``, ``skipped_consecutive`` and more.
     """
     step_key = jax.random.fold_in(key, state.step)
     loss, terms, grads, histogram = objective.loss_and_grads(
@@ -305,17 +307,13 @@ def _train_step(
     grad_norm = optax.tree.norm(grads)
     applied = state.step - state.skipped_total  # updates applied so far (optax's own count)
 
-    def skip(state: TrainState) -> tuple[TrainState, jax.Array]:
-        return state, jnp.asarray(jnp.nan, jnp.float32)
-
     # A non-finite loss, gradient or update (one inf or NaN anywhere makes a global norm
     # non-finite) keeps the old state. `lax.cond` over the whole update, decided on device so the
     # host never waits: cheaper than a `where` per parameter (bench/RESULTS.md), and a skipped
     # step does not even run the optimizer.
     apply = functools.partial(_apply_or_keep, grads=grads, applied=applied, histogram=histogram)
-    new_state, update_norm = jax.lax.cond(
-        jnp.isfinite(loss) & jnp.isfinite(grad_norm), apply, skip, state
-    )
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state, update_norm = jax.lax.cond(ok, apply, _keep, state)
     new_state, skipped = _count_step(state, new_state, update_norm)
     metrics = dict(terms)
     metrics.update(
