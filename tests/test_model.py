@@ -140,7 +140,7 @@ def test_bound_terms_shapes_and_uniform_reference():
 
 def test_bad_images_are_rejected():
     params = _params(gamma_lib.FixedLinearGamma(gamma_min=G_MIN, gamma_max=G_MAX))
-    with pytest.raises(ValueError, match=r"expects \[B, H, W, C\] = \[B, 4, 4, 1\]"):
+    with pytest.raises(ValueError, match=r"expected uint8 \[B, 4, 4, 1\]"):
         model_lib.loss_terms(params, jnp.zeros((2, 4, 4, 3), jnp.uint8), jax.random.key(0))
     with pytest.raises(ValueError, match="uint8"):
         model_lib.loss_terms(params, jnp.zeros((2, *SHAPE), jnp.float32), jax.random.key(0))

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jvdm import losses, noise_sampling, weighting
+from jvdm import losses, noise_sampling, validate, weighting
 from jvdm.config import NOISE_SAMPLINGS, PREDICTIONS
 from jvdm.nn import gamma as gamma_lib
 
@@ -259,13 +259,7 @@ def draw_noise(model: VDM, key: jax.Array, batch_shape, histogram=None) -> Noise
 
 
 def _check_images(model: VDM, images: jax.Array) -> None:
-    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(model.image_shape):
-        raise ValueError(
-            f"images have shape {images.shape}; this model expects [B, H, W, C] = "
-            f"[B, {', '.join(map(str, model.image_shape))}]"
-        )
-    if images.dtype != jnp.uint8:
-        raise ValueError(f"images have dtype {images.dtype}; expected uint8 pixel values 0..255")
+    validate.check_images(images, model.image_shape)
 
 
 def _diffusion_term(model: VDM, den_params, x, eps, sv: ScheduleValues, k_drop, *, train):
