@@ -11,18 +11,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Keep tfds away from the user's real data directory and from the network.
 os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), "..", "tfds_data"))
-# One persistent XLA compilation cache per test run, shared by the pytest-xdist workers and by
-# every subprocess a test starts (they inherit the variable): a trainer subprocess loads the
-# programs that a test process already compiled with the same flags instead of compiling them
-# again. Entries are keyed by the program, the compile options and the XLA flags, so a hit is the
-# same executable; a truncated entry (a process killed mid-write) is read as a miss. A fresh
-# directory per run (made by the first process, inherited by the rest), so executables compiled
-# on one CPU are never loaded on another.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    import tempfile
-
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jvdm-tests-xla-cache-")
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jvdm  # noqa: E402
 
