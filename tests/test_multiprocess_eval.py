@@ -11,10 +11,7 @@ collectives' rounding.
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -22,56 +19,14 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import multiprocess_eval  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_two_processes() -> list[str]:
-    env = dict(os.environ)
-    # The same LLVM optimisation as this process: level 0 would round differently (no vector
-    # code), and at the ODE's tolerance that can move an accept/reject decision of the solver.
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    env["JAX_PLATFORMS"] = "cpu"
-    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(var, None)
-    script = os.path.join(REPO, "tests", "multiprocess_eval.py")
-    common = ["--num-processes", "2", "--port", str(_free_port())]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, script, "--process-id", str(i), *common],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    deadline = time.monotonic() + 300  # never hang the suite, whatever a process does
-    outputs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=max(deadline - time.monotonic(), 1))
-            outputs.append(out)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-3000:]
-    return outputs
+import processes  # noqa: E402
 
 
 @pytest.mark.multiprocess
 def test_two_processes_evaluate_sample_and_solve_the_ode_like_one():
-    outputs = _run_two_processes()
+    # The same LLVM optimisation as this process: level 0 would round differently (no vector
+    # code), and at the ODE's tolerance that can move an accept/reject decision of the solver.
+    outputs = processes.run_ranks("multiprocess_eval.py", 2, [], processes.cpu_env(2))
     two = [json.loads(out.split("RESULT ", 1)[1].splitlines()[0]) for out in outputs]
     one = multiprocess_eval.run()  # this process: 1 process x 4 devices
 

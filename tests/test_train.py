@@ -9,10 +9,6 @@ the tests read its results.
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +22,7 @@ from jvdm import parallel, train_log
 from jvdm import run as run_lib
 from jvdm import train as train_lib
 from jvdm import train_state as state_lib
+from processes import cpu_env, run_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 20  # every run has the same train.steps: it enters the LR schedule, hence the program
@@ -254,12 +251,6 @@ def test_one_device_matches_four_and_checkpoints_move_between_them(runs, tmp_pat
             assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 def test_two_processes_match_one(runs, tmp_path):
     """2 processes x 2 CPU devices (jax.distributed, gloo) vs 1 process x 4 devices: the same
@@ -267,38 +258,12 @@ def test_two_processes_match_one(runs, tmp_path):
     level 0, for speed). Measured: relative parameter gap 1.5e-4 to 2.3e-4, logged bpd within
     6e-6, max |param difference| 1.5e-4 to 1.6e-4."""
     workdir = str(tmp_path / "two")
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
-    env["JAX_PLATFORMS"] = "cpu"
-    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(var, None)
-    script = os.path.join(REPO, "tests", "multiprocess_train.py")
-    common = ["--num-processes", "2", "--port", str(_free_port()), "--workdir", workdir]
-    overrides = list(BASE)  # with the final evaluation: its per-process sharding and gather
-    procs = [
-        subprocess.Popen(
-            [sys.executable, script, "--process-id", str(i), *common, *overrides],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    deadline = time.monotonic() + 300  # never hang the suite, whatever a process does
-    outputs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=max(deadline - time.monotonic(), 1))
-            outputs.append(out)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-3000:]
+    env = cpu_env(2)
+    env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+    # With the final evaluation (the trainer's per-process sharding and gather); sample quality is
+    # left out: it is per process, and tests/test_quality.py covers it.
+    overrides = [*BASE, "eval.use_quality=False"]
+    outputs = run_ranks("multiprocess_train.py", 2, ["--workdir", workdir, *overrides], env)
     assert "process 0/2 done" in outputs[0] and "process 1/2 done" in outputs[1]
     results = [json.loads(out.split("RESULT ", 1)[1].splitlines()[0]) for out in outputs]
     # Both processes evaluated the whole split together (each its shard, gathered); the noise
