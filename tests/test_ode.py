@@ -8,10 +8,6 @@ float64 NumPy, independent of the code under test.
 
 import math
 import os
-import socket
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -24,6 +20,7 @@ from jvdm import model as model_lib
 from jvdm import ode, ode_flow
 from jvdm.errors import JvdmUserError
 from jvdm.nn import gamma as gamma_lib
+from processes import cpu_env, run_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -169,55 +166,16 @@ def test_bad_arguments_say_what_is_wrong():
         ode.ode_bpd(params, images, jax.random.key(0), max_steps=2)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(tmp_path, num_processes, devices):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(var, None)
-    out = str(tmp_path / f"ode_{num_processes}x{devices}.npz")
-    port = str(_free_port())
-    script = os.path.join(REPO, "tests", "multiprocess_ode.py")
-    args = ["--num-processes", str(num_processes), "--port", port, "--out", out]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, script, "--process-id", str(i), *args],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(num_processes)
-    ]
-    return out, procs
-
-
 @pytest.mark.slow  # 70 s of subprocess compilation
 @pytest.mark.multiprocess
 def test_same_answers_on_1_and_4_devices_and_2_processes(tmp_path):
     """In-process (4 devices) vs a 1-device process vs 2 processes x 2 devices (jax.distributed)."""
     assert len(jax.devices()) == 4
     here = prob.answers()
-    runs = [_spawn(tmp_path, 1, 1), _spawn(tmp_path, 2, 2)]
-    deadline = time.monotonic() + 300  # never hang the suite
-    try:
-        for _, procs in runs:
-            for p in procs:
-                out, _ = p.communicate(timeout=max(deadline - time.monotonic(), 1))
-                assert p.returncode == 0, out[-3000:]
-    finally:
-        for _, procs in runs:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-    one, two = (np.load(path) for path, _ in runs)
+    paths = [str(tmp_path / f"ode_{n}.npz") for n in (1, 2)]
+    run_ranks("multiprocess_ode.py", 1, ["--out", paths[0]], cpu_env(1))
+    run_ranks("multiprocess_ode.py", 2, ["--out", paths[1]], cpu_env(2))
+    one, two = (np.load(path) for path in paths)
     # 2 processes x 2 devices hold the same 2 images per device as 4 local devices: the same
     # solver steps and the same numbers up to the collectives' rounding.
     np.testing.assert_array_equal(two["nfe"], here["nfe"])
