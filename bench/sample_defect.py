@@ -28,7 +28,28 @@ import _common
 DEFAULT_STARTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
-def _programs(steps_full: int):
+def _clipped_ancestral(params, state, inp, steps):
+    """The ancestral step with ``x0_hat`` clipped to [-1, 1] and ``eps_hat`` recomputed from it
+    (DDPM's ``clip_denoised``): the same posterior, with the denoiser's overshoot removed."""
+    import jax
+    import jax.numpy as jnp
+
+    from jvdm import model as model_lib
+
+    del steps
+    (z,) = state
+    g_t, g_s = inp.g_t, inp.g_s
+    _, x0_hat = model_lib.predict_eps_x0(params, z, g_t)
+    x0_c = jnp.clip(x0_hat, -1.0, 1.0)
+    # q(z_s | z_t, x = x0_c), written as jvdm.samplers' ancestral step with eps_c for eps_hat.
+    alpha_t, sigma_t = jnp.sqrt(jax.nn.sigmoid(-g_t)), jnp.sqrt(jax.nn.sigmoid(g_t))
+    eps_c = (z - alpha_t * x0_c) / sigma_t
+    c = -jnp.expm1(g_s - g_t)
+    ratio = jnp.exp(0.5 * (jax.nn.log_sigmoid(-g_s) - jax.nn.log_sigmoid(-g_t)))
+    return (ratio * (z - c * sigma_t * eps_c) + jnp.sqrt(c * jax.nn.sigmoid(g_s)) * inp.noise,)
+
+
+def _programs(steps_full: int, clip: bool):
     import functools
 
     import jax
@@ -51,7 +72,10 @@ def _programs(steps_full: int):
             i = jnp.arange(steps + 1, dtype=jnp.float32)
             g = model_lib.gamma(params, t_s * (steps - i) / steps)
             noise = lambda j: jax.random.normal(jax.random.fold_in(k_chain, j), x.shape)
-            z = run(params, SAMPLERS["ancestral"], z, g, 0.0, noise)
+            spec = SAMPLERS["ancestral"]
+            if clip:
+                spec = spec._replace(step=_clipped_ancestral)
+            z = run(params, spec, z, g, 0.0, noise)
         g_0 = model_lib.gamma(params, jnp.zeros((), jnp.float32))
         u = jax.random.uniform(k_dec, x.shape)
         out = decoder.decoder_sample(u, z, g_0, params.model.vocab_size)
@@ -72,6 +96,7 @@ def main() -> int:
     parser.add_argument("--steps-full", type=int, default=250)
     parser.add_argument("--starts", type=float, nargs="+", default=list(DEFAULT_STARTS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clip", action="store_true", help="clip x0_hat to [-1, 1] in each step")
     args = parser.parse_args()
     load_before = _common.loadavg()
 
@@ -85,7 +110,7 @@ def main() -> int:
     train = data.load_split_array(config.data.name, "train", config.data.data_dir)
     pixels = train[np.random.default_rng(args.seed).choice(len(train), args.n, replace=False)]
     real_zero = pixels == 0
-    restart, steps_for = _programs(args.steps_full)
+    restart, steps_for = _programs(args.steps_full, args.clip)
     rows = []
     for t_s in args.starts:
         steps = steps_for(t_s)
@@ -109,6 +134,7 @@ def main() -> int:
         "workdir": args.workdir,
         "n": args.n,
         "steps_full": args.steps_full,
+        "clip_x0": args.clip,
         "real_zero_share": float(np.mean(real_zero)),
         "real_low_share_1_15": float(np.mean((pixels >= 1) & (pixels <= 15))),
         "rows": rows,
