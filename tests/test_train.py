@@ -323,17 +323,9 @@ def test_nonfinite_update_is_skipped_and_counted(key):
 
     # Training goes on: a good step afterwards is applied and resets the consecutive count.
     state = parallel.replicate(
-        state_lib.TrainState(
-            step=state.step,
+        state.replace(
             params=jax.tree.map(jnp.asarray, reference.params),
             ema_params=jax.tree.map(jnp.asarray, reference.ema_params),
-            opt_state=state.opt_state,
-            skipped_total=state.skipped_total,
-            skipped_consecutive=state.skipped_consecutive,
-            loss_histogram=state.loss_histogram,
-            tx=state.tx,
-            lr_schedule=state.lr_schedule,
-            ema_decay=state.ema_decay,
         ),
         mesh,
     )
