@@ -42,15 +42,16 @@ def build(config, batch_size: int, *, seed: int = 0, compiler_options: dict | No
     import jax
     import numpy as np
 
-    from jvdm import build as build_lib
     from jvdm import parallel
+    from jvdm import train as train_lib
     from jvdm import train_state as ts
 
     _common.allow_unprepared_datasets()
     key = jax.random.key(seed)
     mesh = parallel.make_mesh()
-    state = ts.create_train_state(config, key, mesh=mesh)
-    shape = build_lib.from_config(config).image_shape
+    spec = train_lib.state_spec(config)
+    state = ts.create_train_state(spec, key, mesh=mesh)
+    shape = spec.model.image_shape
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (batch_size, *shape), dtype=np.uint8)
     batch = {"image": parallel.shard_batch(images, mesh)}

@@ -10,7 +10,6 @@ prints the results as one JSON line after ``RESULT ``.
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -21,6 +20,8 @@ import jax  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+import processes  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = ["model.channel_mult=(1,)", "model.attention_resolutions=()"]
@@ -50,22 +51,8 @@ def run() -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--process-id", type=int, required=True)
-    parser.add_argument("--num-processes", type=int, required=True)
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
-    from jvdm import parallel
-
-    parallel.initialize_distributed(
-        coordinator_address=f"127.0.0.1:{args.port}",
-        num_processes=args.num_processes,
-        process_id=args.process_id,
-    )
-    result = run()
-    print(f"process {jax.process_index()}/{jax.process_count()} done", flush=True)
-    print("RESULT " + json.dumps(result, default=float), flush=True)
-    jax.distributed.shutdown()
+    processes.join_job(argparse.ArgumentParser())
+    processes.leave_job(run(), default=float)
     return 0
 
 

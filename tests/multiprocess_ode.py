@@ -18,33 +18,21 @@ import jax  # noqa: E402
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+import processes  # noqa: E402
+
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--process-id", type=int, required=True)
-    parser.add_argument("--num-processes", type=int, required=True)
-    parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-
+    args = processes.join_job(parser)
     import numpy as np
 
-    from jvdm import parallel
-
-    if args.num_processes > 1:
-        parallel.initialize_distributed(
-            coordinator_address=f"127.0.0.1:{args.port}",
-            num_processes=args.num_processes,
-            process_id=args.process_id,
-        )
     import ode_problem
 
     answers = ode_problem.answers()
-    print(f"process {jax.process_index()}/{jax.process_count()} done", flush=True)
     if jax.process_index() == 0:
         np.savez(args.out, **answers)
-    if args.num_processes > 1:
-        jax.distributed.shutdown()
+    processes.leave_job()
     return 0
 
 

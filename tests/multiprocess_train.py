@@ -8,7 +8,6 @@ environment); the processes talk through jax.distributed with gloo CPU collectiv
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -24,32 +23,20 @@ import jax  # noqa: E402
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+import processes  # noqa: E402  (tests/, this script's folder, is first on sys.path)
+
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--process-id", type=int, required=True)
-    parser.add_argument("--num-processes", type=int, required=True)
-    parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--config", default="experiments/tiny.py")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-
+    args = processes.join_job(parser)
     from jvdm import config as config_lib
-    from jvdm import parallel
-
-    parallel.initialize_distributed(
-        coordinator_address=f"127.0.0.1:{args.port}",
-        num_processes=args.num_processes,
-        process_id=args.process_id,
-    )
     from jvdm import train as train_lib
 
     config = config_lib.apply_overrides(config_lib.load_config_file(args.config), args.overrides)
-    result = train_lib.train_and_evaluate(config, args.workdir)
-    print(f"process {jax.process_index()}/{jax.process_count()} done", flush=True)
-    print("RESULT " + json.dumps(result, default=str), flush=True)
-    jax.distributed.shutdown()
+    processes.leave_job(train_lib.train_and_evaluate(config, args.workdir), default=str)
     return 0
 
 

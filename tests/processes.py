@@ -1,5 +1,8 @@
-"""Running the ranks of a jax.distributed test job as subprocesses, never hanging the suite."""
+"""Running the ranks of a jax.distributed test job as subprocesses, never hanging the suite; and,
+inside each rank's script, joining and leaving the job (:func:`join_job`, :func:`leave_job`)."""
 
+import argparse
+import json
 import os
 import socket
 import subprocess
@@ -55,3 +58,34 @@ def run_ranks(script: str, num_processes: int, args: list[str], env, timeout: fl
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
     return outputs
+
+
+def join_job(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """A rank script's arguments, after it has joined its job: adds the ``--process-id``,
+    ``--num-processes`` and ``--port`` that :func:`run_ranks` passes to ``parser`` (which holds the
+    script's own arguments), parses the command line and starts ``jax.distributed`` with the
+    coordinator at ``127.0.0.1:PORT`` (a no-op for a job of one process)."""
+    parser.add_argument("--process-id", type=int, required=True)
+    parser.add_argument("--num-processes", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    from jvdm import parallel  # imports JAX: after the script has configured it
+
+    parallel.initialize_distributed(
+        coordinator_address=f"127.0.0.1:{args.port}",
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+    )
+    return args
+
+
+def leave_job(result: dict | None = None, *, default=str) -> None:
+    """Ends a rank script: prints ``process i/n done`` and, given a ``result``, the line
+    ``RESULT <json>`` that the tests read back (``default`` encodes what JSON cannot), then shuts
+    ``jax.distributed`` down (a no-op for a job of one process)."""
+    import jax
+
+    print(f"process {jax.process_index()}/{jax.process_count()} done", flush=True)
+    if result is not None:
+        print("RESULT " + json.dumps(result, default=default), flush=True)
+    jax.distributed.shutdown()

@@ -97,9 +97,9 @@ def test_accumulated_train_step_matches_and_keeps_the_skip_logic(images):
     mesh = parallel.make_mesh()
     batch = {"image": parallel.shard_batch(images, mesh)}
     train_key = parallel.replicate(jax.random.key(1), mesh)
-    out = {}
+    spec, out = train_lib.state_spec(config), {}
     for k in (1, 2):
-        state = state_lib.create_train_state(config, jax.random.key(0), mesh=mesh)
+        state = state_lib.create_train_state(spec, jax.random.key(0), mesh=mesh)
         state, _ = state_lib.train_step(state, batch, train_key, grad_accum_steps=k)
         state, metrics = state_lib.train_step(state, batch, train_key, grad_accum_steps=k)
         out[k] = host((state.params, metrics))
@@ -108,7 +108,7 @@ def test_accumulated_train_step_matches_and_keeps_the_skip_logic(images):
     assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=GRAD_REL_TOL)
     assert max_abs(p2, p1) <= 1e-5, max_abs(p2, p1)
 
-    clean = state_lib.create_train_state(config, jax.random.key(0), mesh=mesh)
+    clean = state_lib.create_train_state(spec, jax.random.key(0), mesh=mesh)
     poisoned = clean.replace(
         params=clean.params.replace(
             schedule=jax.tree.map(lambda x: x * jnp.nan, clean.params.schedule)
@@ -157,7 +157,7 @@ def test_resume_mid_run_with_accumulation_is_bit_identical(tmp_path):
     from jvdm import checkpoint as ckpt
 
     mesh = parallel.make_mesh()
-    abstract = state_lib.abstract_train_state(config, mesh)
+    abstract = state_lib.abstract_train_state(train_lib.state_spec(config), mesh)
     states = []
     for name in ("straight", "resumed"):
         manager = ckpt.make_manager(str(tmp_path / name), keep=10)

@@ -20,6 +20,7 @@ from jvdm import checkpoint as ckpt
 from jvdm import config as config_lib
 from jvdm import model as model_lib
 from jvdm import noise_sampling, objective, parallel, weighting
+from jvdm import train as train_lib
 from jvdm import train_state as state_lib
 from jvdm.nn import gamma as gamma_lib
 
@@ -168,24 +169,12 @@ def _state_and_batches(mesh):
         noise_sampling="adaptive",
         histogram_bins=16,
     )
-    tx, lr = state_lib.make_optimizer(config_lib.base_config())
-    spec = (model, tx, lr, 0.999)
-    state = parallel.replicate(state_lib._init_fn()(*spec, jax.random.key(0)), mesh)
+    # The base config's optimizer, for this model.
+    spec = train_lib.state_spec(config_lib.base_config())._replace(model=model, ema_decay=0.999)
+    state = state_lib.create_train_state(spec, jax.random.key(0), mesh=mesh)
     imgs = jax.random.randint(jax.random.key(5), (6, 8, *SHAPE), 0, 256).astype(jnp.uint8)
     batches = [parallel.shard_batch({"image": np.asarray(b)}, mesh) for b in imgs]
     return spec, state, batches, parallel.replicate(jax.random.key(1), mesh)
-
-
-def _abstract(spec, mesh):
-    import functools
-
-    abstract = jax.eval_shape(
-        functools.partial(state_lib._init_state_impl, *spec), jax.random.key(0)
-    )
-    sharding = parallel.replicated_sharding(mesh)
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract
-    )
 
 
 def _train(state, batches, key):
@@ -214,7 +203,7 @@ def test_histogram_resumes_bit_exactly_and_is_the_same_on_one_and_four_devices(t
     ckpt.close(manager)
     manager = ckpt.make_manager(str(tmp_path), keep=2)
     try:
-        restored = ckpt.restore(manager, 3, _abstract(spec, mesh4))
+        restored = ckpt.restore(manager, 3, state_lib.abstract_train_state(spec, mesh4))
     finally:
         ckpt.close(manager)
     resumed, _ = _train(restored, batches[3:], key)

@@ -13,6 +13,7 @@ import pytest
 import synthetic_archives as sa
 from jvdm import config as config_lib
 from jvdm import data, datasets, parallel
+from jvdm import train as train_lib
 from jvdm import train_state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +49,7 @@ def test_one_train_step_on_each_shape(data_dir, name, num_devices):
     assert datasets.image_shape(name) == SHAPES[name]
     mesh = parallel.make_mesh(jax.devices()[:num_devices])
     key = jax.random.key(0)
-    state = state_lib.create_train_state(config, key, mesh=mesh)
+    state = state_lib.create_train_state(train_lib.state_spec(config), key, mesh=mesh)
     local = data.make_train_loader(
         name, global_batch_size=config.train.batch_size, seed=0, data_dir=data_dir, num_threads=0
     ).batch(0)

@@ -6,24 +6,9 @@ import numpy as np
 import pytest
 
 from jvdm import diffusion as D
-from jvdm import schedules as S
+from references import random_s_t, rel_err
 
 RTOL_F32 = 1e-4
-
-
-def _rel_err(got, want) -> np.ndarray:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    scale = np.where(want == 0, 1.0, np.abs(want))
-    return np.abs(got - want) / scale
-
-
-def _random_s_t(rng, n, T=1000):
-    """Random pairs s < t of the linear schedule (float32 alpha_bar), some adjacent."""
-    ab = np.asarray(S.alpha_bar(S.linear_betas(T)))
-    t = rng.integers(2, T + 1, n)
-    s = rng.integers(1, t)
-    s[: n // 3] = t[: n // 3] - 1
-    return ab[t - 1], ab[s - 1]
 
 
 # --- q_sample ----------------------------------------------------------------------------
@@ -79,7 +64,7 @@ def test_posterior_matches_generic_gaussian_conditioning():
     """Condition the joint Gaussian of (x_s, x_t) | x0 with the textbook formula."""
     rng = np.random.default_rng(2)
     B, Dim = 64, 5
-    ab_t, ab_s = _random_s_t(rng, B)
+    ab_t, ab_s = random_s_t(rng, B)
     x0 = rng.normal(size=(B, Dim)).astype(np.float32)
     x_t = rng.normal(size=(B, Dim)).astype(np.float32)
     # Forward chain: x_s = sqrt(ab_s) x0 + sqrt(1-ab_s) e1, x_t = sqrt(a) x_s + sqrt(1-a) e2.
@@ -165,9 +150,9 @@ def test_float32_accuracy_sweep():
     mean, var = jax.jit(D.posterior_mean_var)(x_t, x0, ab_t, ab_s)
     xt_got = jax.jit(D.q_sample)(x0, ab_t, eps)
     worst = {
-        "q_sample": float(_rel_err(xt_got, np.sqrt(t64) * x0 + np.sqrt(1 - t64) * eps).max()),
-        "posterior mean": float(_rel_err(mean, want_mean).max()),
-        "posterior var": float(_rel_err(var, np.broadcast_to(want_var, var.shape)).max()),
+        "q_sample": float(rel_err(xt_got, np.sqrt(t64) * x0 + np.sqrt(1 - t64) * eps).max()),
+        "posterior mean": float(rel_err(mean, want_mean).max()),
+        "posterior var": float(rel_err(var, np.broadcast_to(want_var, var.shape)).max()),
     }
     print("diffusion worst float32 relative error:", worst)
     for name, err in worst.items():

@@ -183,10 +183,11 @@ def write_run(workdir, steps=(2, 4)):
     """A work directory as ``jvdm.train`` leaves it: config.json and orbax checkpoints of a
     TrainState (random values, built without compiling anything). Returns {step: state}."""
     from jvdm import parallel
+    from jvdm import train as train_lib
     from jvdm import train_state as state_lib
 
     config = _tiny_config()
-    abstract = state_lib.abstract_train_state(config, parallel.make_mesh())
+    abstract = state_lib.abstract_train_state(train_lib.state_spec(config), parallel.make_mesh())
     run_config.save_config(config, workdir)
     manager = ckpt.make_manager(workdir, keep=5)
     states = {}

@@ -13,15 +13,10 @@ from hypothesis import given, settings
 from jvdm import decoder as dec
 from jvdm import losses as L
 from jvdm import schedules as S
+from references import random_s_t, rel_err
 
 RTOL_F32 = 1e-4
 _D = decimal.Decimal
-
-
-def _rel_err(got, want) -> np.ndarray:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    scale = np.where(want == 0, 1.0, np.abs(want))
-    return np.abs(got - want) / scale
 
 
 def _kl64(mq, vq, mp, vp):
@@ -37,14 +32,6 @@ def _kl_exact(mq, vq, mp, vp) -> float:
         ctx.prec = 40
         mq, vq, mp, vp = (_D(float(a)) for a in (mq, vq, mp, vp))
         return float(_D(0.5) * ((vp / vq).ln() - 1 + vq / vp + (mq - mp) ** 2 / vp))
-
-
-def _random_s_t(rng, n, T=1000):
-    ab = np.asarray(S.alpha_bar(S.linear_betas(T)))
-    t = rng.integers(2, T + 1, n)
-    s = rng.integers(1, t)
-    s[: n // 3] = t[: n // 3] - 1
-    return ab[t - 1], ab[s - 1]
 
 
 # --- gaussian_kl -------------------------------------------------------------------------
@@ -109,7 +96,7 @@ def test_gaussian_kl_shape_mismatch():
 def test_denoising_matching_kl_equals_snr_weighted_loss():
     rng = np.random.default_rng(2)
     B = 24
-    ab_t, ab_s = _random_s_t(rng, B)
+    ab_t, ab_s = random_s_t(rng, B)
     x0, x0_hat, x_t = rng.normal(size=(3, B, 4, 4, 2)).astype(np.float32)
     # Independent reference: the literal KL of Luo eq. 84 in float64, x_t terms included.
     t64, s64 = np.float64(ab_t)[:, None, None, None], np.float64(ab_s)[:, None, None, None]
@@ -442,7 +429,7 @@ def test_float32_accuracy_sweep():
         mq = np.float32(mp + mean_gap)
         got = _jit(L.gaussian_kl)(mq, vq, mp, vp)
         want = [_kl_exact(*args) for args in zip(mq, vq, mp, vp, strict=True)]
-        worst[f"gaussian_kl (mean gap {mean_gap})"] = float(_rel_err(got, want).max())
+        worst[f"gaussian_kl (mean gap {mean_gap})"] = float(rel_err(got, want).max())
     # prior_kl near alpha_bar = 0 and 1, and prior_kl_from_gamma over -20..20.
     # (Not below ~1e-19: at x0 = 0 the KL ~ alpha_bar^2 / 2 would fall below float32's smallest
     # normal number, and XLA flushes denormals to zero.)
@@ -457,13 +444,13 @@ def test_float32_accuracy_sweep():
                 for a in ab
             ]
             got = _jit(L.prior_kl)(np.full((ab.size, 1), x0, np.float32), ab)
-            worst[f"prior_kl (x0={x0})"] = float(_rel_err(got, want).max())
+            worst[f"prior_kl (x0={x0})"] = float(rel_err(got, want).max())
             want = []
             for g in gam:
                 a = 1 / (1 + _D(float(g)).exp())
                 want.append(float(_D(0.5) * (a * (x0_d**2 - 1) - (1 - a).ln())))
             got = _jit(L.prior_kl_from_gamma)(np.full((gam.size, 1), x0, np.float32), gam)
-            worst[f"prior_kl_from_gamma (x0={x0})"] = float(_rel_err(got, want).max())
+            worst[f"prior_kl_from_gamma (x0={x0})"] = float(rel_err(got, want).max())
     # Diffusion terms: adjacent and distant steps over the whole range of gamma.
     rng = np.random.default_rng(10)
     g_t = np.float32(np.linspace(-13.3, 20, 200))
@@ -476,18 +463,18 @@ def test_float32_accuracy_sweep():
     err2 = ((np.float64(x0_hat) - x0) ** 2).sum(1)
     want = 0.5 * (s64 / (1 - s64) - t64 / (1 - t64))[:, 0] * err2
     got = _jit(L.denoising_matching_kl)(x0, x0_hat, x0, ab_t, ab_s)
-    worst["denoising_matching_kl"] = float(_rel_err(got, want)[keep].max())
+    worst["denoising_matching_kl"] = float(rel_err(got, want)[keep].max())
     snr_s, snr_t = np.float32(np.exp(-np.float64(g_s))), np.float32(np.exp(-np.float64(g_t)))
     want = 0.5 * (np.float64(snr_s) - snr_t) * err2
     worst["snr_weighted_loss"] = float(
-        _rel_err(_jit(L.snr_weighted_loss)(x0, x0_hat, snr_s, snr_t), want).max()
+        rel_err(_jit(L.snr_weighted_loss)(x0, x0_hat, snr_s, snr_t), want).max()
     )
     want = 0.5 * np.expm1(np.float64(g_t) - g_s) * err2
     got = _jit(L.discrete_diffusion_loss)(x0, x0_hat, g_s, g_t)
-    worst["discrete_diffusion_loss"] = float(_rel_err(got, want).max())
+    worst["discrete_diffusion_loss"] = float(rel_err(got, want).max())
     got = _jit(L.continuous_diffusion_loss)(x0, x0_hat, np.float32(np.abs(g_t) + 1e-3))
     worst["continuous_diffusion_loss"] = float(
-        _rel_err(got, 0.5 * (np.abs(np.float64(g_t)) + np.float32(1e-3)) * err2).max()
+        rel_err(got, 0.5 * (np.abs(np.float64(g_t)) + np.float32(1e-3)) * err2).max()
     )
     # The decoder over gamma_0 in [-13.3, 5], including near-zero log p at low noise.
     x = rng.integers(0, 256, (8, 4, 4, 3))
@@ -496,10 +483,10 @@ def test_float32_accuracy_sweep():
     sigma = np.sqrt(1 / (1 + np.exp(-np.float64(g0))))[:, None, None, None]
     z = np.float32(alpha * (2 * (x + 0.5) / 256 - 1) + sigma * rng.normal(size=x.shape))
     want = _decoder_ref(z, g0)
-    worst["decoder_log_probs"] = float(_rel_err(_jit(L.decoder_log_probs)(z, g0), want).max())
+    worst["decoder_log_probs"] = float(rel_err(_jit(L.decoder_log_probs)(z, g0), want).max())
     want_ll = np.take_along_axis(want, x[..., None], -1)[..., 0].sum((1, 2, 3))
     got_ll = _jit(L.decoder_log_likelihood)(np.uint8(x), z, g0)
-    worst["decoder_log_likelihood"] = float(_rel_err(got_ll, want_ll).max())
+    worst["decoder_log_likelihood"] = float(rel_err(got_ll, want_ll).max())
     print("losses worst float32 relative error:", worst)
     for name, err in worst.items():
         assert err < RTOL_F32, (name, err)

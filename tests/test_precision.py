@@ -16,6 +16,7 @@ from jvdm import build, objective, parallel
 from jvdm import config as config_lib
 from jvdm import data as data_lib
 from jvdm import model as model_lib
+from jvdm import train as train_lib
 from jvdm import train_state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +52,7 @@ def _train(config, steps):
     """``steps`` train steps on one device from the same init, key and batches; each step's
     metrics and the final state."""
     mesh = parallel.make_mesh(jax.devices()[:1])
-    state = state_lib.create_train_state(config, jax.random.key(0), mesh=mesh)
+    state = state_lib.create_train_state(train_lib.state_spec(config), jax.random.key(0), mesh=mesh)
     loader = data_lib.make_train_loader(
         "mnist_subset", global_batch_size=config.train.batch_size, seed=0, num_threads=0
     )

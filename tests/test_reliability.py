@@ -96,7 +96,9 @@ def restore_step(workdir, step):
     mesh = parallel.make_mesh(jax.devices()[:1])
     manager = ckpt.make_manager(str(workdir), keep=10)
     try:
-        state = ckpt.restore(manager, step, state_lib.abstract_train_state(tiny(), mesh))
+        state = ckpt.restore(
+            manager, step, state_lib.abstract_train_state(train_lib.state_spec(tiny()), mesh)
+        )
         return jax.tree.map(np.asarray, jax.device_get(state))
     finally:
         ckpt.close(manager)
@@ -253,7 +255,9 @@ def test_a_bad_latest_checkpoint_falls_back_to_the_previous_good_one(reference, 
     manager = ckpt.make_manager(workdir, keep=KEEP)
     try:
         with pytest.warns(UserWarning, match=f"checkpoint {STEPS} in .* (is corrupt|has no)"):
-            step, state = ckpt.restore_latest(manager, state_lib.abstract_train_state(tiny(), mesh))
+            step, state = ckpt.restore_latest(
+                manager, state_lib.abstract_train_state(train_lib.state_spec(tiny()), mesh)
+            )
         assert step == STEPS - 1 and manager.latest_step() == STEPS - 1
     finally:
         ckpt.close(manager)

@@ -8,15 +8,9 @@ import numpy as np
 import pytest
 
 from jvdm import schedules as S
+from references import rel_err
 
 RTOL_F32 = 1e-4  # the accuracy requirement for float32 results
-
-
-def _rel_err(got, want) -> np.ndarray:
-    """Elementwise |got - want| / |want| (and |got| where want == 0)."""
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    scale = np.where(want == 0, 1.0, np.abs(want))
-    return np.abs(got - want) / scale
 
 
 def _sigmoid64(x):
@@ -143,7 +137,7 @@ def test_float32_accuracy_sweep():
             np.cumprod(1 - np.float64(S.linear_betas(1000))),
         ),
     }
-    worst = {name: float(_rel_err(got, want).max()) for name, (got, want) in cases.items()}
+    worst = {name: float(rel_err(got, want).max()) for name, (got, want) in cases.items()}
     print("schedules worst float32 relative error:", worst)
     for name, err in worst.items():
         assert err < RTOL_F32, (name, err)

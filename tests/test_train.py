@@ -56,7 +56,9 @@ def tiny(*overrides):
 def restore(workdir, step, config, mesh):
     manager = ckpt.make_manager(workdir, keep=10)
     try:
-        return ckpt.restore(manager, step, state_lib.abstract_train_state(config, mesh))
+        return ckpt.restore(
+            manager, step, state_lib.abstract_train_state(train_lib.state_spec(config), mesh)
+        )
     finally:
         ckpt.close(manager)
 
@@ -74,7 +76,8 @@ def compare_runs(workdir, reference_dir, config, mesh):
     """``(relative parameter gap, max |logged bpd difference|, max |param difference|)``."""
     run = host(restore(workdir, STEPS, config, mesh))
     ref = host(restore(reference_dir, STEPS, config, mesh))
-    start = host(state_lib.create_train_state(config, train_lib.run_keys(0)[0], mesh=mesh))
+    spec, init_key = train_lib.state_spec(config), train_lib.run_keys(0)[0]
+    start = host(state_lib.create_train_state(spec, init_key, mesh=mesh))
 
     def norm(a, b):
         pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
@@ -286,7 +289,7 @@ def test_two_processes_match_one(runs, tmp_path):
 def one_step_setup(key):
     """``(mesh, fresh tiny state, one batch, train key)``, all on the mesh, for single steps."""
     mesh = parallel.make_mesh()
-    clean = state_lib.create_train_state(tiny(), key, mesh=mesh)
+    clean = state_lib.create_train_state(train_lib.state_spec(tiny()), key, mesh=mesh)
     images = data_lib.make_train_loader(
         "mnist_subset", global_batch_size=8, seed=0, num_threads=0
     ).batch(0)["image"]
@@ -323,17 +326,9 @@ def test_nonfinite_update_is_skipped_and_counted(key):
 
     # Training goes on: a good step afterwards is applied and resets the consecutive count.
     state = parallel.replicate(
-        state_lib.TrainState(
-            step=state.step,
+        state.replace(
             params=jax.tree.map(jnp.asarray, reference.params),
             ema_params=jax.tree.map(jnp.asarray, reference.ema_params),
-            opt_state=state.opt_state,
-            skipped_total=state.skipped_total,
-            skipped_consecutive=state.skipped_consecutive,
-            loss_histogram=state.loss_histogram,
-            tx=state.tx,
-            lr_schedule=state.lr_schedule,
-            ema_decay=state.ema_decay,
         ),
         mesh,
     )
@@ -466,7 +461,7 @@ def test_batch_must_divide_among_devices(tmp_path):
 
 
 def test_weight_decay_mask_spares_biases_norms_and_the_schedule():
-    abstract = state_lib.abstract_train_state(tiny(), parallel.make_mesh())
+    abstract = state_lib.abstract_train_state(train_lib.state_spec(tiny()), parallel.make_mesh())
     mask = state_lib.weight_decay_mask(abstract.params)
     flat = {
         jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask.denoiser)

@@ -60,9 +60,11 @@ _SOURCES: dict[str, str] = {
     "sample": "jvdm.sampling",
     "sample_quality": "jvdm.quality",
     # training
+    "StateSpec": "jvdm.train_state",
     "TrainState": "jvdm.train_state",
     "create_train_state": "jvdm.train_state",
     "loss_and_grads": "jvdm.objective",
+    "state_spec": "jvdm.train",
     "train_and_evaluate": "jvdm.train",
     "train_step": "jvdm.train_state",
 }

@@ -168,11 +168,30 @@ def eval_(args) -> int:
 
 
 def score(args) -> int:
+    """Scores ``--n`` samples of a run's EMA model (:func:`jvdm.quality.sample_quality`)."""
     configure_runtime()
-    from jvdm import quality
+    import time
 
-    opts = {k: getattr(args, k) for k in ("n", "sampler", "steps", "seed", "data_dir")}
-    print(json.dumps(quality.score_run(args.workdir, **opts), indent=2, ensure_ascii=False))
+    import jax
+
+    from jvdm import quality, run, sampling
+
+    params, config = run.load_with_config(args.workdir)
+    start = time.perf_counter()
+    images = sampling.sample(
+        params, jax.random.key(args.seed), args.n, steps=args.steps, sampler=args.sampler
+    )
+    seconds = time.perf_counter() - start
+    result = quality.sample_quality(
+        images,
+        dataset=config.data.name,
+        data_dir=args.data_dir or config.data.data_dir,
+        seed=args.seed,
+    )
+    steps = args.steps or sampling.default_steps(params.model, args.sampler)
+    result.update(sampler=args.sampler, steps=steps, sample_seconds=seconds)
+    result["table"] = quality.format_table(result).splitlines()
+    print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
 
 

@@ -22,12 +22,9 @@ from ml_collections import config_dict
 
 from jvdm import validate as checks
 from jvdm.errors import JvdmUserError
+from jvdm.validate import NOISE_SAMPLINGS, PREDICTIONS, WEIGHTINGS
 
-PREDICTIONS = ("eps", "x0", "v")
 SCHEDULES = ("learned", "linear", "cosine", "ddpm")
-# The names of jvdm.weighting.WEIGHTINGS (kept here so that reading a config imports no JAX).
-WEIGHTINGS = ("elbo", "sigmoid", "edm", "edm_monotone", "v_mse")
-NOISE_SAMPLINGS = ("uniform_t", "adaptive")
 
 
 def _model_section() -> ml_collections.ConfigDict:

@@ -36,8 +36,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from jvdm import losses, noise_sampling, validate, weighting
-from jvdm.config import NOISE_SAMPLINGS, PREDICTIONS
 from jvdm.nn import gamma as gamma_lib
+from jvdm.validate import NOISE_SAMPLINGS, PREDICTIONS
 
 ENDPOINT_NAMES = ("gamma_min", "gamma_max")
 

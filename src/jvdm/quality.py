@@ -175,23 +175,3 @@ def format_table(result: dict) -> str:
         rows.append(f"{k:<14}{result['samples'][k]:>12.4g}{result['real_train'][k]:>12.4g}")
     rows.append(f"classifier test accuracy {result['classifier_test_accuracy']:.4f}")
     return "\n".join(rows)
-
-
-def score_run(workdir, *, n: int, sampler: str, steps=None, seed: int = 0, data_dir=None) -> dict:
-    """``jvdm score``: draws ``n`` samples from a run's EMA model and scores them."""
-    import time
-
-    import jax
-
-    from jvdm import run, sampling
-
-    params, config = run.load_with_config(workdir)
-    start = time.perf_counter()
-    images = sampling.sample(params, jax.random.key(seed), n, steps=steps, sampler=sampler)
-    seconds = time.perf_counter() - start
-    data_dir = data_dir or config.data.data_dir
-    result = sample_quality(images, dataset=config.data.name, data_dir=data_dir, seed=seed)
-    steps = steps or sampling.default_steps(params.model, sampler)
-    result.update(sampler=sampler, steps=steps, sample_seconds=seconds)
-    result["table"] = format_table(result).splitlines()
-    return result

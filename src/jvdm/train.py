@@ -17,6 +17,7 @@ A work directory, written by :func:`train_and_evaluate` (a run resumes from it w
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -25,8 +26,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from jvdm import build, parallel, train_log, train_run, validate
 from jvdm import config as config_lib
-from jvdm import parallel, train_log, train_run, validate
 from jvdm import train_state as state_lib
 from jvdm import workdir as workdir_lib
 from jvdm.train_state import TrainState, create_train_state, train_step
@@ -36,6 +37,7 @@ __all__ = [
     "TrainState",
     "create_train_state",
     "run_keys",
+    "state_spec",
     "train_and_evaluate",
     "train_step",
 ]
@@ -104,6 +106,25 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     return k_init, k_train, k_eval
 
 
+def state_spec(config) -> state_lib.StateSpec:
+    """The static part of the training state of ``config``: its model, AdamW with the learning-rate
+    schedule of ``config.optimizer`` over ``config.train.steps``, and the EMA decay."""
+    o = config.optimizer
+    tx, lr_schedule = state_lib.make_optimizer(
+        learning_rate=float(o.learning_rate),
+        warmup_steps=int(o.warmup_steps),
+        total_steps=int(config.train.steps),
+        decay=str(o.decay),
+        final_lr_fraction=float(o.final_lr_fraction),
+        b1=float(o.b1),
+        b2=float(o.b2),
+        eps=float(o.eps),
+        weight_decay=float(o.weight_decay),
+        grad_clip=float(o.grad_clip),
+    )
+    return state_lib.StateSpec(build.from_config(config), tx, lr_schedule, float(o.ema_decay))
+
+
 def train_and_evaluate(
     config,
     workdir: str,
@@ -164,15 +185,17 @@ def _train(config, workdir, mesh, step_callback, is_main) -> dict[str, Any]:
     from jvdm import checkpoint as ckpt
 
     t = config.train
+    spec = state_spec(config)
     # Traces the model's init (no compute): a config the denoiser rejects fails here, at once.
-    abstract = state_lib.abstract_train_state(config, mesh)
+    abstract = state_lib.abstract_train_state(spec, mesh)
     nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
     workdir_lib.check_free_space(workdir, nbytes, keep=t.keep_checkpoints)
     manager = ckpt.make_manager(workdir, keep=t.keep_checkpoints, cleanup_tmp=True)
     writer = None
     try:
         init_key, train_key, eval_key = run_keys(t.seed)  # the run's only key derivation
-        start, state = _resume_or_init(config, workdir, manager, abstract, mesh, init_key, is_main)
+        fresh = functools.partial(create_train_state, spec, init_key, mesh=mesh)
+        start, state = _resume_or_init(config, workdir, manager, abstract, fresh, is_main)
         writer = train_log.MetricsWriter(workdir, start)
         run = train_run.Run(
             workdir=workdir,
@@ -203,9 +226,9 @@ def _train(config, workdir, mesh, step_callback, is_main) -> dict[str, Any]:
         ckpt.close(manager)
 
 
-def _resume_or_init(config, workdir, manager, abstract, mesh, init_key, is_main):
+def _resume_or_init(config, workdir, manager, abstract, fresh: Callable[[], TrainState], is_main):
     """``(start, state)``: the newest checkpoint that verifies (corrupt or unverified newer ones
-    are set aside), or a fresh state at step 0; then the config is saved next to it."""
+    are set aside), or ``fresh()`` at step 0; then the config is saved next to it."""
     from jvdm import checkpoint as ckpt
     from jvdm import run_config
 
@@ -214,7 +237,7 @@ def _resume_or_init(config, workdir, manager, abstract, mesh, init_key, is_main)
     changed = run_config.check_config(config, workdir) if has_checkpoint else {}
     start, state = ckpt.restore_latest(manager, abstract)
     if start is None:
-        start, state = 0, create_train_state(config, init_key, mesh=mesh)
+        start, state = 0, fresh()
     elif is_main:
         notes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
         print(f"resuming {workdir} from step {start}" + (f" ({notes})" if notes else ""))

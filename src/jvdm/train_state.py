@@ -3,7 +3,8 @@
 Training is a sequence of explicit transitions ``state -> train_step(state, batch, key) -> state``.
 :class:`TrainState` holds everything that changes (step, parameters, their EMA, the optimizer's
 state and the counters of skipped updates); the optimizer, its learning-rate schedule and the EMA
-decay are static metadata, so a state and a batch are all the step needs.
+decay are static metadata, so a state and a batch are all the step needs. Nothing here reads a
+config: a run's :class:`StateSpec` comes from :func:`jvdm.train.state_spec`.
 
 The step is data parallel without any explicit collective: the state is replicated and the batch
 sharded over the mesh's ``'data'`` axis (:mod:`jvdm.parallel`), and XLA inserts the all-reduce of
@@ -13,7 +14,7 @@ the gradients when it compiles the ``jit``.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,17 +22,17 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from jvdm import build, noise_sampling, objective, parallel
 from jvdm import model as model_lib
+from jvdm import noise_sampling, objective, parallel
 from jvdm.errors import JvdmUserError
 
 __all__ = [
+    "StateSpec",
     "TrainState",
     "abstract_train_state",
     "create_train_state",
     "learning_rate_schedule",
     "make_optimizer",
-    "state_spec",
     "train_step",
     "weight_decay_mask",
 ]
@@ -130,25 +131,49 @@ def _optimizer(
     )
 
 
-def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """``(tx, lr_schedule)`` of ``config.optimizer``: clipping, then AdamW with the schedule."""
-    o = config.optimizer
+def make_optimizer(
+    *,
+    learning_rate: float,
+    warmup_steps: int,
+    total_steps: int,
+    decay: str,
+    final_lr_fraction: float,
+    b1: float,
+    b2: float,
+    eps: float,
+    weight_decay: float,
+    grad_clip: float,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``(tx, lr_schedule)``: clipping by global norm at ``grad_clip``, then AdamW (decaying the
+    weights of :func:`weight_decay_mask`) with :func:`learning_rate_schedule`'s schedule."""
     schedule = learning_rate_schedule(
-        learning_rate=float(o.learning_rate),
-        warmup_steps=int(o.warmup_steps),
-        total_steps=int(config.train.steps),
-        decay=str(o.decay),
-        final_lr_fraction=float(o.final_lr_fraction),
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        total_steps=total_steps,
+        decay=decay,
+        final_lr_fraction=final_lr_fraction,
     )
     tx = _optimizer(
-        schedule=schedule,
-        b1=float(o.b1),
-        b2=float(o.b2),
-        eps=float(o.eps),
-        weight_decay=float(o.weight_decay),
-        clip=float(o.grad_clip),
+        schedule=schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, clip=grad_clip
     )
     return tx, schedule
+
+
+class StateSpec(NamedTuple):
+    """The static part of a run's :class:`TrainState`, which also fixes its shapes: equal specs
+    share one compiled initialisation and one compiled step.
+
+    Attributes:
+      model: the :class:`jvdm.model.VDM` trained.
+      tx: the optimizer (e.g. :func:`make_optimizer`'s).
+      lr_schedule: the learning rate that ``tx`` uses, as a function of the applied updates.
+      ema_decay: the EMA's decay per applied update (before :func:`ema_decay_at`'s warm-up).
+    """
+
+    model: model_lib.VDM
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+    ema_decay: float
 
 
 def _init_state_impl(model, tx, lr_schedule, ema_decay, key) -> TrainState:
@@ -184,29 +209,22 @@ def _init_fn():
     return _init_state_cpu if jax.default_backend() == "cpu" else _init_state
 
 
-def state_spec(config) -> tuple[Any, ...]:
-    """The static arguments that define a run's state: ``(model, tx, lr_schedule, ema_decay)``."""
-    tx, lr_schedule = make_optimizer(config)
-    return build.from_config(config), tx, lr_schedule, float(config.optimizer.ema_decay)
-
-
-def create_train_state(config, key: jax.Array, *, mesh: Mesh | None = None) -> TrainState:
-    """A fresh state for ``config``, replicated over ``mesh`` (default: all devices).
+def create_train_state(spec: StateSpec, key: jax.Array, *, mesh: Mesh | None = None) -> TrainState:
+    """A fresh state of ``spec``, initialised from ``key`` and replicated over ``mesh`` (default:
+    all devices).
 
     The parameters are initialised once on a local device (one compiled program, reused by every
-    call with an equal config) and then copied onto the mesh.
+    call with an equal spec) and then copied onto the mesh.
     """
     mesh = parallel.make_mesh() if mesh is None else mesh
-    state = _init_fn()(*state_spec(config), key)
+    state = _init_fn()(*spec, key)
     return parallel.replicate(state, mesh)
 
 
-def abstract_train_state(config, mesh: Mesh) -> TrainState:
+def abstract_train_state(spec: StateSpec, mesh: Mesh) -> TrainState:
     """The shapes, dtypes and (replicated) shardings of :func:`create_train_state`'s result,
     computed without allocating anything (``jax.eval_shape``): the restore target."""
-    abstract = jax.eval_shape(
-        functools.partial(_init_state_impl, *state_spec(config)), jax.random.key(0)
-    )
+    abstract = jax.eval_shape(functools.partial(_init_state_impl, *spec), jax.random.key(0))
     sharding = parallel.replicated_sharding(mesh)
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract

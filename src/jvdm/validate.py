@@ -5,9 +5,11 @@ argument, the value it got and what it should be. This module imports nothing bu
 library, so the config, the networks, the samplers and the CLI (whose ``--help`` must stay fast) can
 all use it: it sits below them all.
 
-The sampler *names* live here, the lowest layer, because the config checks ``eval.sampler`` without
-importing JAX; the samplers themselves (name, order, init, step) are one table in
-:mod:`jvdm.sampling`, which asserts that its keys are exactly these names.
+The *names* that a config may choose from live here, the lowest layer, because the config checks
+them without importing JAX; the modules that implement them import them from here. The samplers
+themselves (name, order, init, step) are one table in :mod:`jvdm.samplers`, which asserts that its
+keys are exactly :data:`SAMPLER_NAMES`; :mod:`jvdm.weighting` dispatches on :data:`WEIGHTINGS`, and
+:class:`jvdm.model.VDM` checks :data:`PREDICTIONS` and :data:`NOISE_SAMPLINGS`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from collections.abc import Sequence
 from jvdm.errors import JvdmUserError
 
 __all__ = [
+    "NOISE_SAMPLINGS",
+    "PREDICTIONS",
     "SAMPLER_NAMES",
+    "WEIGHTINGS",
     "check_params",
     "check_gamma_order",
     "check_images",
@@ -28,6 +33,9 @@ __all__ = [
 ]
 
 SAMPLER_NAMES = ("ancestral", "ddim", "dpm_solver")
+PREDICTIONS = ("eps", "x0", "v")  # what the denoiser outputs
+WEIGHTINGS = ("elbo", "sigmoid", "edm", "edm_monotone", "v_mse")  # w(lambda) of the training loss
+NOISE_SAMPLINGS = ("uniform_t", "adaptive")  # how training draws the noise levels
 
 
 def positive_int(value, name: str, what: str = "") -> int:

@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
+from jvdm.validate import WEIGHTINGS  # the names, kept where reading a config imports no JAX
+
 __all__ = [
     "EDM_MODE",
     "WEIGHTINGS",
@@ -45,8 +47,6 @@ __all__ = [
     "log_diffusion_weight",
     "weighted_diffusion_loss",
 ]
-
-WEIGHTINGS = ("elbo", "sigmoid", "edm", "edm_monotone", "v_mse")
 
 # EDM's training distribution of log sigma is N(-1.2, 1.2^2), i.e. lambda = -2 log sigma is
 # N(2.4, 2.4^2); its loss weight (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 turns into

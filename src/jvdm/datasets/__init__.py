@@ -70,33 +70,33 @@ def _unknown(name: str, data_dir: PathLike | None) -> DatasetError:
     )
 
 
+def _entry(name: str, data_dir: PathLike | None) -> tuple[tuple[int, int, int], str]:
+    """``((H, W, C), one line on what it is)``: built-in datasets first, then the user's image
+    folders under ``data_dir``, else :class:`DatasetError`."""
+    if name in catalog.LOCAL:
+        return catalog.LOCAL[name]
+    if name in catalog.STANDARD:
+        return catalog.STANDARD[name].shape, catalog.STANDARD[name].note
+    meta = _user_meta(name, data_dir)
+    if meta is None:
+        raise _unknown(name, data_dir)
+    shape: tuple[int, int, int] = tuple(meta["shape"])  # type: ignore[assignment]
+    classes = f"{len(meta['classes'])} classes" if meta["classes"] else "no labels"
+    return shape, f"your images from {meta['source']} ({classes})"
+
+
 def image_shape(name: str, data_dir: PathLike | None = None) -> tuple[int, int, int]:
     """``(H, W, C)`` of a dataset, from the catalogue (or a user dataset's ``jvdm.json``).
 
     Needs neither tfds nor the data of a built-in dataset, so a trained model can be rebuilt on a
     machine where its dataset is not prepared.
     """
-    if name in catalog.LOCAL:
-        return catalog.LOCAL[name][0]
-    if name in catalog.STANDARD:
-        return catalog.STANDARD[name].shape
-    meta = _user_meta(name, data_dir)
-    if meta is None:
-        raise _unknown(name, data_dir)
-    return tuple(meta["shape"])  # type: ignore[return-value]
+    return _entry(name, data_dir)[0]
 
 
 def describe(name: str, data_dir: PathLike | None = None) -> str:
     """One line on what the dataset is."""
-    if name in catalog.LOCAL:
-        return catalog.LOCAL[name][1]
-    if name in catalog.STANDARD:
-        return catalog.STANDARD[name].note
-    meta = _user_meta(name, data_dir)
-    if meta is None:
-        raise _unknown(name, data_dir)
-    classes = f"{len(meta['classes'])} classes" if meta["classes"] else "no labels"
-    return f"your images from {meta['source']} ({classes})"
+    return _entry(name, data_dir)[1]
 
 
 def _not_prepared(name: str, data_dir: Path) -> DatasetNotPreparedError:
