@@ -2,7 +2,8 @@
 the measurements of the loss estimate's variance.
 
 All files go to the run's work directory and are written by process 0 only; every process takes
-part in the computations (evaluation gathers across processes).
+part in the computations (evaluation gathers across processes), except the measurement of the loss
+variance, which process 0 makes alone on its own devices.
 """
 
 from __future__ import annotations
