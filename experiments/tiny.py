@@ -17,6 +17,7 @@ def get_config():
     config.train.log_every = 2
     config.train.eval_every = 4
     config.train.checkpoint_every = 2
+    config.train.variance_every = 0  # no loss-variance measurements (tests turn them on)
     config.eval.batch_size = 100
     config.eval.num_samples = 4
     config.eval.sample_steps = 4

@@ -110,6 +110,14 @@ def _add_training_sections(c: ml_collections.ConfigDict) -> None:
     c.train.max_consecutive_nonfinite = 10
     # Evaluate the whole eval split (eval.final_draws draws per image), sample and plot at the end.
     c.train.use_final_eval = True
+    # The per-example variance of the diffusion-loss estimate under the model's schedule, the
+    # linear and cosine ones, the adaptive histogram and the optimal density (jvdm.loss_variance),
+    # every variance_every steps and at the end (0: never), on the first variance_images images of
+    # the training split (the same ones all run), variance_grid noise levels each: the cost is
+    # variance_images * variance_grid forward passes (2,048 here: about 1/30 of the training's).
+    c.train.variance_every = 600
+    c.train.variance_images = 32
+    c.train.variance_grid = 64
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 250
@@ -193,6 +201,19 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(t.grad_accum_steps > 0, "train.grad_accum_steps", t.grad_accum_steps, "must be positive")
     for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         need(t[name] > 0, f"train.{name}", t[name], "must be positive")
+    need(
+        t.variance_every >= 0,
+        "train.variance_every",
+        t.variance_every,
+        "must be >= 0 (steps between measurements of the loss variance; 0 turns them off)",
+    )
+    need(t.variance_images > 0, "train.variance_images", t.variance_images, "must be positive")
+    need(
+        t.variance_grid >= 2 and t.variance_grid % 2 == 0,
+        "train.variance_grid",
+        t.variance_grid,
+        "must be an even number >= 2 (noise levels per image: two shifted lattices)",
+    )
     need(
         t.max_consecutive_nonfinite > 0,
         "train.max_consecutive_nonfinite",

@@ -11,7 +11,10 @@ A work directory, written by :func:`train_and_evaluate` (a run resumes from it w
 * ``metrics.jsonl`` — one JSON record per logging interval (``train/...``) and evaluation
   (``eval/...``), and ``tensorboard/`` — the same as TensorBoard events;
 * ``samples_<step>.png``, ``gamma_<step>.png``, ``bpd.png`` — sample grids, the learned schedule
-  and the bpd curves at every evaluation.
+  and the bpd curves at every evaluation;
+* ``loss_variance.png`` — the variance of the diffusion-loss estimate under several densities of
+  the noise level (``variance/...`` in the metrics), every ``train.variance_every`` steps and at
+  the end (:mod:`jvdm.loss_variance`).
 """
 
 from __future__ import annotations
@@ -99,11 +102,11 @@ def _preflight(run: train_run.Run, state, batch, step: int) -> None:
 # The loop.
 
 
-def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The keys of a run, ``(init, train, eval)``, all derived from ``config.train.seed``."""
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The keys of a run, ``(init, train, eval, variance)``, all derived from
+    ``config.train.seed`` (``fold_in(key(seed), i)``, ``i = 0..3``)."""
     root = jax.random.key(seed)
-    k_init, k_train, k_eval = (jax.random.fold_in(root, i) for i in range(3))
-    return k_init, k_train, k_eval
+    return tuple(jax.random.fold_in(root, i) for i in range(4))
 
 
 def state_spec(config) -> state_lib.StateSpec:
@@ -193,7 +196,7 @@ def _train(config, workdir, mesh, step_callback, is_main) -> dict[str, Any]:
     manager = ckpt.make_manager(workdir, keep=t.keep_checkpoints, cleanup_tmp=True)
     writer = None
     try:
-        init_key, train_key, eval_key = run_keys(t.seed)  # the run's only key derivation
+        init_key, train_key, eval_key, variance_key = run_keys(t.seed)  # the only derivation
         fresh = functools.partial(create_train_state, spec, init_key, mesh=mesh)
         start, state = _resume_or_init(config, workdir, manager, abstract, fresh, is_main)
         writer = train_log.MetricsWriter(workdir, start)
@@ -204,6 +207,7 @@ def _train(config, workdir, mesh, step_callback, is_main) -> dict[str, Any]:
             writer=writer,
             train_key=parallel.replicate(train_key, mesh),
             eval_key=eval_key,
+            variance_key=variance_key,
             step_callback=step_callback,
             image_shape=tuple(abstract.params.model.image_shape),
             **_loop_settings(config),
@@ -267,6 +271,14 @@ def _loop_settings(config) -> dict[str, Any]:
             sample_steps=int(e.sample_steps),
             sampler=str(e.sampler),
             use_quality=bool(e.use_quality),
+        ),
+        variance_spec=train_log.VarianceSpec(
+            every=int(t.variance_every),
+            num_images=int(t.variance_images),
+            dataset=d.name,
+            split=d.train_split,
+            data_dir=d.data_dir,
+            grid=int(t.variance_grid),
         ),
     )
 
@@ -382,4 +394,9 @@ def _loop(run: train_run.Run, state: TrainState, loader, start: int):
                 save(done, state)
             if train_run.every(run.eval_every, done) and done < run.steps:
                 _evaluate(run, state, done, draws=run.eval_draws)
+            variance = run.variance_spec
+            if variance.every and train_run.every(variance.every, done, run.steps):
+                train_log.log_variance(
+                    variance, state, run.workdir, done, key=run.variance_key, writer=run.writer
+                )
     return state, done, stopped, logged

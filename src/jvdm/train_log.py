@@ -1,7 +1,9 @@
-"""What a training run writes: metrics, TensorBoard events, evaluations and their pictures.
+"""What a training run writes: metrics, TensorBoard events, evaluations and their pictures, and
+the measurements of the loss estimate's variance.
 
 All files go to the run's work directory and are written by process 0 only; every process takes
-part in the computations (evaluation gathers across processes).
+part in the computations (evaluation gathers across processes), except the measurement of the loss
+variance, which process 0 makes alone on its own devices.
 """
 
 from __future__ import annotations
@@ -15,19 +17,27 @@ import time
 import jax
 import numpy as np
 
-from jvdm import parallel
+from jvdm import loss_variance, parallel, validate
+from jvdm import model as model_lib
 from jvdm.workdir import METRICS_FILE
 
 __all__ = [
     "METRICS_FILE",
+    "VARIANCE_PLOT",
     "EvalSpec",
     "IntervalLog",
     "MetricsWriter",
+    "VarianceSpec",
     "eval_scalars",
     "evaluate_and_save",
+    "log_variance",
+    "measure",
+    "measure_variance",
     "plot_curves",
     "summarise",
 ]
+
+VARIANCE_PLOT = "loss_variance.png"
 
 # Metrics that are counters (report the last value of an interval, not the mean).
 _LAST_VALUE = ("lr", "skipped_total", "skipped_consecutive")
@@ -205,4 +215,105 @@ def plot_curves(workdir: str) -> str:
     path = os.path.join(workdir, "bpd.png")
     if jax.process_index() == 0:
         viz.plot_metrics(os.path.join(workdir, METRICS_FILE), path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# The variance of the diffusion-loss estimate.
+
+
+@dataclasses.dataclass(frozen=True)
+class VarianceSpec:
+    """What a measurement of the loss variance during training does (``config.train``).
+
+    Attributes:
+      every: steps between measurements (``variance_every``; 0: none); one is also taken at the
+        end of the run.
+      num_images: the first ``variance_images`` images of the training split, the same every time.
+      dataset, split, data_dir: the training split (``config.data``).
+      grid: noise levels per image (``variance_grid``).
+    """
+
+    every: int
+    num_images: int
+    dataset: str
+    split: str
+    data_dir: str | None
+    grid: int = loss_variance.DEFAULT_GRID
+
+
+def _variance_images(spec: VarianceSpec) -> np.ndarray:
+    from jvdm import data as data_lib
+
+    loader = data_lib.make_eval_loader(
+        spec.dataset, split=spec.split, batch_size=spec.num_images, data_dir=spec.data_dir
+    )
+    batch = loader.batch(0)
+    return batch["image"][batch["mask"]]  # a split smaller than num_images: all of it
+
+
+_points = jax.jit(loss_variance.points, static_argnames=("grid",))
+_combine = jax.jit(loss_variance.combine)
+
+
+def measure(params, images: np.ndarray, key, *, grid: int, histogram=None):
+    """:func:`jvdm.loss_variance.per_example` of host images on this process's devices, as NumPy
+    arrays (a :class:`jvdm.loss_variance.LossVariance`).
+
+    The examples are sharded over the local devices (padded to a multiple of their number, the
+    padding dropped: each row's values do not depend on the others), the parameters, histogram
+    and key replicated; :func:`jvdm.loss_variance.combine` then runs on the gathered values on one
+    device. So the arithmetic is one device's, except that XLA may round a convolution differently
+    at another per-device batch size (3e-6 relative, at most, on the tiny U-Net's variances).
+    """
+    validate.check_params(params, model_lib.VDMParams)
+    n = images.shape[0]
+    padded, sharding = parallel.local_batch_layout(n)
+    if padded != n:
+        images = np.concatenate([images, np.zeros((padded - n, *images.shape[1:]), images.dtype)])
+    if sharding is None:
+        place = jax.local_devices()[0]
+    else:
+        place = parallel.replicated_sharding(sharding.mesh)
+        images = jax.device_put(images, sharding)
+    params, histogram, key = jax.device_put((params, histogram, key), place)
+    pts = jax.device_get(_points(params, images, key, grid=grid, histogram=histogram))
+    pts = jax.tree.map(lambda v: v[:n], pts)
+    return jax.tree.map(np.asarray, jax.device_get(_combine(pts)))
+
+
+def measure_variance(spec: VarianceSpec, params, histogram, key, step: int) -> dict[str, float]:
+    """One measurement at ``step`` (key ``fold_in(key, step)``) on this process's devices:
+    ``variance/<density>``, the mean over the images of the per-example variance (bpd^2) of the
+    diffusion term's one-sample estimate (:mod:`jvdm.loss_variance`; ``adaptive`` with a
+    ``histogram``), and ``variance/diffusion_bpd``, their mean diffusion term."""
+    result = measure(
+        params,
+        _variance_images(spec),
+        jax.random.fold_in(key, step),
+        grid=spec.grid,
+        histogram=histogram,
+    )
+    mean = lambda v: float(np.mean(np.asarray(v, np.float64)))
+    names = [k for k in loss_variance.DENSITIES if k in result.variance]
+    out = {f"variance/{k}": mean(result.variance[k]) for k in names}
+    return {**out, "variance/diffusion_bpd": mean(result.diffusion_bpd)}
+
+
+def log_variance(spec: VarianceSpec, state, workdir: str, step: int, *, key, writer) -> str:
+    """Measures with the EMA parameters (and the loss histogram, for a run that samples from it),
+    logs the record and refreshes ``loss_variance.png``; returns the plot's path. Process 0 alone
+    measures and writes: the measurement is local (no collectives), the others go on."""
+    from jvdm import viz
+
+    path = os.path.join(workdir, VARIANCE_PLOT)
+    if jax.process_index() != 0:
+        return path
+    params = state.ema_params
+    adaptive = params.model.noise_sampling == "adaptive"
+    histogram = state.loss_histogram if adaptive else None
+    if jax.process_count() > 1:
+        params, histogram = parallel.local_copy((params, histogram))
+    writer.write(step, measure_variance(spec, params, histogram, key, step))
+    viz.plot_loss_variance(os.path.join(workdir, METRICS_FILE), path)
     return path

@@ -35,6 +35,7 @@ class Run:
     writer: train_log.MetricsWriter
     train_key: jax.Array  # replicated on the mesh; each step folds in its number
     eval_key: jax.Array
+    variance_key: jax.Array  # each measurement of the loss variance folds in its step
     step_callback: Callable[[int, TrainState], None] | None
     image_shape: tuple[int, ...]
     steps: int
@@ -47,6 +48,7 @@ class Run:
     eval_draws: int
     dataset: str
     eval_spec: train_log.EvalSpec
+    variance_spec: train_log.VarianceSpec
 
 
 def every(n: int, done: int, last: int | None = None) -> bool:

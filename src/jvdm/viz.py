@@ -1,4 +1,5 @@
-"""Pictures: image grids (PNG via Pillow), the noise schedule, and training curves (matplotlib).
+"""Pictures: image grids (PNG via Pillow), the noise schedule, and training curves (matplotlib):
+the bound, and the variance of its diffusion term's estimate.
 
 Every file is written atomically (a temporary file in the same directory, then ``os.replace``),
 so a reader -- TensorBoard, a browser, a concurrent run -- never sees half a PNG.
@@ -12,11 +13,11 @@ import math
 import os
 import pathlib
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
-__all__ = ["image_grid", "plot_gamma", "plot_metrics", "save_image_grid"]
+__all__ = ["image_grid", "plot_gamma", "plot_loss_variance", "plot_metrics", "save_image_grid"]
 
 
 @contextlib.contextmanager
@@ -115,8 +116,9 @@ def plot_gamma(params, path: str | os.PathLike, *, num_points: int = 201) -> pat
     return _save_figure(fig, path)
 
 
-def _read_metrics(path) -> dict[str, tuple[list[float], list[float]]]:
-    """``{series: (steps, values)}`` of the total-bpd series of a metrics JSONL file."""
+def _read_series(path, keep: Callable[[str], bool]) -> dict[str, tuple[list[float], list[float]]]:
+    """``{series: (steps, values)}`` of the finite numeric fields ``keep`` selects in a metrics
+    JSONL file."""
     series: dict[str, tuple[list[float], list[float]]] = {}
     with open(path) as f:
         for line in f:
@@ -131,14 +133,23 @@ def _read_metrics(path) -> dict[str, tuple[list[float], list[float]]]:
             if not isinstance(record, dict) or "step" not in record:
                 continue
             for k, v in record.items():
-                # The total bound only (train and eval), not its terms.
-                total = k in ("bpd", "bpd_mean") or k.endswith(("/bpd", "_bpd", "/bpd_mean"))
-                is_term = any(t in k for t in ("recon", "prior", "diffusion", "sem", "var"))
-                if total and not is_term and isinstance(v, int | float) and math.isfinite(v):
+                if keep(k) and isinstance(v, int | float) and math.isfinite(v):
                     steps, values = series.setdefault(k, ([], []))
                     steps.append(float(record["step"]))
                     values.append(float(v))
     return series
+
+
+def _is_total_bpd(k: str) -> bool:
+    """The total bound only (train and eval), not its terms."""
+    total = k in ("bpd", "bpd_mean") or k.endswith(("/bpd", "_bpd", "/bpd_mean"))
+    is_term = any(t in k for t in ("recon", "prior", "diffusion", "sem", "var"))
+    return total and not is_term
+
+
+def _read_metrics(path) -> dict[str, tuple[list[float], list[float]]]:
+    """``{series: (steps, values)}`` of the total-bpd series of a metrics JSONL file."""
+    return _read_series(path, _is_total_bpd)
 
 
 def plot_metrics(metrics_path: str | os.PathLike, path: str | os.PathLike) -> pathlib.Path:
@@ -165,4 +176,35 @@ def plot_metrics(metrics_path: str | os.PathLike, path: str | os.PathLike) -> pa
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no bpd values logged yet", ha="center", transform=ax.transAxes)
+    return _save_figure(fig, path)
+
+
+def plot_loss_variance(metrics_path: str | os.PathLike, path: str | os.PathLike) -> pathlib.Path:
+    """Plots the logged ``variance/<density>`` series of a metrics JSONL file against the step, one
+    line per density of the noise level, on a log axis (:mod:`jvdm.loss_variance`).
+
+    Non-positive values (an estimate's noise around a variance near zero) are left out of the log
+    axis. A file without them gives an empty, labelled plot.
+
+    Raises:
+      FileNotFoundError: no such metrics file.
+    """
+    keep = lambda k: k.startswith("variance/") and k != "variance/diffusion_bpd"
+    series = _read_series(metrics_path, keep)
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (steps, values) in sorted(series.items()):
+        points = [(s, v) for s, v in zip(steps, values, strict=True) if v > 0]
+        if not points:
+            continue
+        bound = name == "variance/optimal"
+        label = name.removeprefix("variance/") + (" (lower bound)" if bound else "")
+        ax.plot(*zip(*points, strict=True), "o:" if bound else "o-", label=label, markersize=3)
+    ax.set(xlabel="step", ylabel="per-example variance (bpd$^2$)", yscale="log")
+    ax.set_title("variance of the one-sample diffusion-loss estimate")
+    ax.grid(alpha=0.3, which="both")
+    if series:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no variance measured yet", ha="center", transform=ax.transAxes)
     return _save_figure(fig, path)
