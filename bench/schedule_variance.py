@@ -6,14 +6,15 @@ level drawn from each density (``jvdm.loss_variance``): the run's own schedule (
 linear and cosine schedules with the same end points, the run's loss histogram (``adaptive``: for a
 run that samples from it, or for any continuous-time run with ``--with-histogram``) and the
 optimal density fitted to the same points (``optimal``, a lower bound); and the mean diffusion term.
-The images are the first ``--images`` of the run's eval split (default: its
-``train.variance_images``) and the key is the run's variance key folded with the step, so at the
-steps where the run measured itself these are its own ``variance/...`` records (on the same
-devices). Runs trained with different schedules are compared at matched steps by passing them
-together. Prints one JSON record (and appends it to bench/results.jsonl):
+The images are the first ``--images`` of the run's training split (default: its
+``train.variance_images``), at ``--grid`` levels each (default: its ``train.variance_grid``), and
+the key is the run's variance key folded with the step, so at the steps where the run measured
+itself these are its own ``variance/...`` records (on the same devices). Runs trained with
+different schedules are compared at matched steps by passing them together. Prints one JSON
+record (and appends it to bench/results.jsonl):
 
     python bench/schedule_variance.py --workdir runs/learned_snr runs/fixed_linear runs/cosine
-        [--images 64] [--grid 128] [--with-histogram]
+        [--images 32] [--grid 64] [--steps 600 1200 1800] [--with-histogram]
 """
 
 from __future__ import annotations
@@ -63,13 +64,15 @@ def _run_rows(workdir: str, args) -> dict:
         every=0,
         num_images=args.images or int(t.variance_images),
         dataset=config.data.name,
-        split=config.data.eval_split,
+        split=config.data.train_split,
         data_dir=config.data.data_dir,
-        grid=args.grid,
+        grid=args.grid or int(t.variance_grid),
     )
     key = train_lib.run_keys(t.seed)[3]
     rows = []
     for step_dir in run._step_dirs(root / CHECKPOINT_DIR):
+        if args.steps and int(step_dir.name) not in args.steps:
+            continue
         params = run.load(step_dir)
         histogram = _histogram(step_dir, m.histogram_bins) if use_histogram else None
         start = time.perf_counter()
@@ -84,6 +87,7 @@ def _run_rows(workdir: str, args) -> dict:
         "weighting": m.weighting,
         "timesteps": m.timesteps,
         "images": spec.num_images,
+        "grid": spec.grid,
         "split": spec.split,
         "steps": rows,
     }
@@ -93,12 +97,13 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", nargs="+", required=True)
     parser.add_argument("--images", type=int, default=0, help="0: the run's variance_images")
-    parser.add_argument("--grid", type=int, default=128)
+    parser.add_argument("--grid", type=int, default=0, help="0: the run's variance_grid")
+    parser.add_argument("--steps", type=int, nargs="*", help="only these checkpoint steps")
     parser.add_argument("--with-histogram", action="store_true")
     args = parser.parse_args()
     load_before = _common.loadavg()
     runs = [_run_rows(w, args) for w in args.workdir]
-    result = {"grid": args.grid, "units": "bpd (diffusion_bpd), bpd^2 (variances)", "runs": runs}
+    result = {"units": "bpd (diffusion_bpd), bpd^2 (variances)", "runs": runs}
     _common.emit("schedule_variance", result, load_before=load_before)
     return 0
 
