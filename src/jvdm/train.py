@@ -13,8 +13,7 @@ A work directory, written by :func:`train_and_evaluate` (a run resumes from it w
 * ``samples_<step>.png``, ``gamma_<step>.png``, ``bpd.png`` — sample grids, the learned schedule
   and the bpd curves at every evaluation;
 * ``loss_variance.png`` — the variance of the diffusion-loss estimate under several densities of
-  the noise level (``variance/...`` in the metrics), every ``train.variance_every`` steps and at
-  the end (:mod:`jvdm.loss_variance`).
+  the noise level (``variance/...`` in the metrics; :mod:`jvdm.loss_variance`).
 """
 
 from __future__ import annotations
@@ -35,15 +34,8 @@ from jvdm import train_state as state_lib
 from jvdm import workdir as workdir_lib
 from jvdm.train_state import TrainState, create_train_state, train_step
 
-__all__ = [
-    "NonFiniteError",
-    "TrainState",
-    "create_train_state",
-    "run_keys",
-    "state_spec",
-    "train_and_evaluate",
-    "train_step",
-]
+__all__ = ["NonFiniteError", "TrainState", "create_train_state", "run_keys", "state_spec"]
+__all__ += ["train_and_evaluate", "train_step"]
 
 
 class NonFiniteError(RuntimeError):
@@ -394,9 +386,9 @@ def _loop(run: train_run.Run, state: TrainState, loader, start: int):
                 save(done, state)
             if train_run.every(run.eval_every, done) and done < run.steps:
                 _evaluate(run, state, done, draws=run.eval_draws)
-            variance = run.variance_spec
-            if variance.every and train_run.every(variance.every, done, run.steps):
+            v = run.variance_spec
+            if v.every and train_run.every(v.every, done, run.steps):
                 train_log.log_variance(
-                    variance, state, run.workdir, done, key=run.variance_key, writer=run.writer
+                    v, state, run.workdir, done, key=run.variance_key, writer=run.writer
                 )
     return state, done, stopped, logged
