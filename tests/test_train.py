@@ -517,6 +517,56 @@ def test_weight_decay_mask_spares_biases_norms_and_the_schedule():
     assert any(v for k, v in flat.items() if "DenseGeneral" in k)
 
 
+def test_schedule_learning_rate_multipliers_scale_exactly_their_updates(key):
+    """``gamma.endpoint_lr_scale`` / ``interior_lr_scale`` scale the AdamW update of the end points
+    and of the schedule's interior (0 freezes it) and leave the denoiser's update alone."""
+    from jvdm import build
+
+    params = build.init_params(tiny(), key)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+    grads = jax.tree.unflatten(
+        treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    )
+
+    def update(scales):
+        spec = train_lib.state_spec(
+            tiny(
+                "optimizer.warmup_steps=0",  # else the first update has learning rate 0
+                f"gamma.endpoint_lr_scale={scales[0]}",
+                f"gamma.interior_lr_scale={scales[1]}",
+            )
+        )
+        updates, _ = spec.tx.update(grads, spec.tx.init(params), params)
+        return updates
+
+    plain, scaled = update((1.0, 1.0)), update((0.25, 0.0))
+    for name in ("gamma_min", "gamma_max"):
+        got, want = scaled.schedule["params"][name], plain.schedule["params"][name]
+        assert float(want) != 0.0 and float(got) == pytest.approx(0.25 * float(want), rel=1e-6)
+    interior = jax.tree.leaves(scaled.schedule["params"]["net"])
+    assert interior and all(not np.any(np.asarray(u)) for u in interior)
+    assert any(np.any(np.asarray(u)) for u in jax.tree.leaves(plain.schedule["params"]["net"]))
+    for a, b in zip(jax.tree.leaves(plain.denoiser), jax.tree.leaves(scaled.denoiser)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize(
+    "schedule, field, value",
+    [
+        ("learned", "interior_lr_scale", -1.0),
+        ("learned", "endpoint_lr_scale", float("nan")),
+        ("learned", "endpoint_lr_scale", float("inf")),
+        ("linear", "endpoint_lr_scale", 2.0),  # a fixed schedule has nothing to scale
+    ],
+)
+def test_schedule_learning_rate_multipliers_are_validated(schedule, field, value):
+    config = tiny(f"gamma.schedule={schedule}")
+    config.gamma[field] = value
+    with pytest.raises(ValueError, match=f"config.gamma.{field}="):
+        config_lib.validate(config)
+
+
 def test_learning_rate_warms_up_then_decays():
     lr = state_lib.learning_rate_schedule(
         learning_rate=1.0, warmup_steps=10, total_steps=110, decay="cosine", final_lr_fraction=0.1

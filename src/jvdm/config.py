@@ -76,6 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.gamma.hidden = 1024
     # Train the schedule's interior on the variance of the loss (VDM appendix I.2).
     c.gamma.use_variance_gradient = True
+    # Learning-rate multipliers of the learned schedule's end points (gamma_min, gamma_max: they
+    # set the bound) and of its interior (its shape: trained on the variance; 0 freezes it).
+    c.gamma.endpoint_lr_scale = 1.0
+    c.gamma.interior_lr_scale = 1.0
     c.gamma.ddpm_timesteps = 1000
 
     _add_training_sections(c)
@@ -191,6 +195,15 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(g.schedule in SCHEDULES, "gamma.schedule", g.schedule, f"one of {SCHEDULES}")
     checks.check_gamma_order(g.gamma_min, g.gamma_max, "config.gamma.")
     need(g.hidden > 0, "gamma.hidden", g.hidden, "must be positive")
+    for name in ("endpoint_lr_scale", "interior_lr_scale"):
+        scale = g[name]
+        need(0.0 <= scale < float("inf"), f"gamma.{name}", scale, "must be finite and >= 0")
+        need(
+            scale == 1.0 or g.schedule == "learned",
+            f"gamma.{name}",
+            scale,
+            "only the learned schedule has trained parameters: set gamma.schedule=learned",
+        )
     need(o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "must be positive")
     need(o.warmup_steps >= 0, "optimizer.warmup_steps", o.warmup_steps, "must be >= 0")
     need(o.decay in ("cosine", "constant"), "optimizer.decay", o.decay, "cosine or constant")

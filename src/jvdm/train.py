@@ -104,7 +104,7 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
 def state_spec(config) -> state_lib.StateSpec:
     """The static part of the training state of ``config``: its model, AdamW with the learning-rate
     schedule of ``config.optimizer`` over ``config.train.steps``, and the EMA decay."""
-    o = config.optimizer
+    o, g = config.optimizer, config.gamma
     tx, lr_schedule = state_lib.make_optimizer(
         learning_rate=float(o.learning_rate),
         warmup_steps=int(o.warmup_steps),
@@ -116,6 +116,7 @@ def state_spec(config) -> state_lib.StateSpec:
         eps=float(o.eps),
         weight_decay=float(o.weight_decay),
         grad_clip=float(o.grad_clip),
+        schedule_lr_scales=(float(g.endpoint_lr_scale), float(g.interior_lr_scale)),
     )
     return state_lib.StateSpec(build.from_config(config), tx, lr_schedule, float(o.ema_decay))
 
