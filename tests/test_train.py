@@ -526,7 +526,7 @@ def test_schedule_learning_rate_multipliers_scale_exactly_their_updates(key):
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
     grads = jax.tree.unflatten(
-        treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+        treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
     )
 
     def update(scales):
@@ -547,7 +547,7 @@ def test_schedule_learning_rate_multipliers_scale_exactly_their_updates(key):
     interior = jax.tree.leaves(scaled.schedule["params"]["net"])
     assert interior and all(not np.any(np.asarray(u)) for u in interior)
     assert any(np.any(np.asarray(u)) for u in jax.tree.leaves(plain.schedule["params"]["net"]))
-    for a, b in zip(jax.tree.leaves(plain.denoiser), jax.tree.leaves(scaled.denoiser)):
+    for a, b in zip(jax.tree.leaves(plain.denoiser), jax.tree.leaves(scaled.denoiser), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
