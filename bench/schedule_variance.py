@@ -29,27 +29,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 import _common  # noqa: E402  (jvdm's CPU runtime defaults, before JAX)
 
 
-def _histogram(step_dir, bins: int):
-    """The loss histogram saved with a checkpoint (``TrainState.loss_histogram``)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import orbax.checkpoint as ocp
-
-    from jvdm import run
-
-    target = {"loss_histogram": jax.ShapeDtypeStruct((2, bins), jnp.float32)}
-    restored = ocp.PyTreeCheckpointer().restore(
-        run._item_dir(step_dir),
-        args=ocp.args.PyTreeRestore(
-            item=target,
-            restore_args={"loss_histogram": ocp.RestoreArgs(restore_type=np.ndarray)},
-            partial_restore=True,
-        ),
-    )
-    return jnp.asarray(restored["loss_histogram"])
-
-
 def _run_rows(workdir: str, args) -> dict:
     """Every kept checkpoint step of one run, measured."""
     from jvdm import run, train_log
@@ -70,15 +49,16 @@ def _run_rows(workdir: str, args) -> dict:
     )
     key = train_lib.run_keys(t.seed)[3]
     rows = []
-    for step_dir in run._step_dirs(root / CHECKPOINT_DIR):
-        if args.steps and int(step_dir.name) not in args.steps:
+    for step in run.checkpoint_steps(root):
+        if args.steps and step not in args.steps:
             continue
+        step_dir = root / CHECKPOINT_DIR / str(step)
         params = run.load(step_dir)
-        histogram = _histogram(step_dir, m.histogram_bins) if use_histogram else None
+        histogram = run.load_loss_histogram(step_dir) if use_histogram else None
         start = time.perf_counter()
-        record = train_log.measure_variance(spec, params, histogram, key, int(step_dir.name))
+        record = train_log.measure_variance(spec, params, histogram, key, step)
         row = {k.removeprefix("variance/"): v for k, v in record.items()}
-        rows.append({"step": int(step_dir.name), **row, "seconds": time.perf_counter() - start})
+        rows.append({"step": step, **row, "seconds": time.perf_counter() - start})
         print(workdir, rows[-1], file=sys.stderr, flush=True)
     return {
         "workdir": workdir,

@@ -225,6 +225,17 @@ def test_load_restores_the_latest_ema_parameters(run_dir):
     jax.tree.map(np.testing.assert_array_equal, older, states[2].ema_params)
 
 
+def test_checkpoint_steps_and_the_saved_loss_histogram(run_dir, tmp_path):
+    workdir, states = run_dir
+    assert run_lib.checkpoint_steps(workdir) == sorted(states)
+    assert run_lib.checkpoint_steps(tmp_path) == []
+    for step, state in states.items():
+        saved = run_lib.load_loss_histogram(workdir / "checkpoints" / str(step))
+        np.testing.assert_array_equal(saved, state.loss_histogram)
+    latest = run_lib.load_loss_histogram(workdir)
+    np.testing.assert_array_equal(latest, states[max(states)].loss_histogram)
+
+
 def test_load_needs_neither_grain_nor_tfds(run_dir):
     # A fresh interpreter: this one has imported the loaders already.
     workdir, _ = run_dir

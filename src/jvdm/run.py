@@ -24,8 +24,10 @@ from jvdm.workdir import CHECKPOINT_DIR, CONFIG_FILE
 
 __all__ = [
     "RunNotFoundError",
+    "checkpoint_steps",
     "load",
     "load_config",
+    "load_loss_histogram",
     "load_with_config",
     "read_saved_config",
     "resolve_checkpoint",
@@ -45,6 +47,13 @@ def _step_dirs(checkpoints: pathlib.Path) -> list[pathlib.Path]:
         (p for p in checkpoints.iterdir() if p.is_dir() and p.name.isdigit()),
         key=lambda p: int(p.name),
     )
+
+
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+    """The steps of a run's finished checkpoints, oldest first (``[]`` if it has none); load one
+    with ``load(f"{workdir}/checkpoints/{step}")``."""
+    root = pathlib.Path(workdir).expanduser().absolute() / CHECKPOINT_DIR
+    return [int(p.name) for p in _step_dirs(root)]
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
@@ -172,6 +181,34 @@ def _verified(path, step_dir: pathlib.Path) -> pathlib.Path:
         stacklevel=3,
     )
     return step_dir
+
+
+def load_loss_histogram(path: str | os.PathLike) -> jax.Array:
+    """The loss histogram over ``lambda`` saved with a checkpoint (``TrainState.loss_histogram``,
+    ``[2, model.histogram_bins]``; :mod:`jvdm.noise_sampling`), for a run directory (its latest
+    checkpoint) or one checkpoint directory, as :func:`load` resolves it."""
+    import orbax.checkpoint as ocp
+
+    from jvdm import integrity
+
+    workdir, step_dir = resolve_checkpoint(path)
+    step_dir = _verified(path, step_dir)
+    bins = int(load_config(workdir).model.histogram_bins)
+    target = {"loss_histogram": jax.ShapeDtypeStruct((2, bins), jnp.float32)}
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(
+            _item_dir(step_dir),
+            args=ocp.args.PyTreeRestore(
+                item=target,
+                restore_args={"loss_histogram": ocp.RestoreArgs(restore_type=np.ndarray)},
+                partial_restore=True,
+            ),
+        )
+    except (OSError, ValueError) as err:
+        raise integrity.CorruptCheckpointError(
+            f"checkpoint {step_dir} cannot be read: {' '.join(str(err).split())[:300]}"
+        ) from err
+    return jnp.asarray(restored["loss_histogram"])
 
 
 def load_with_config(path: str | os.PathLike):
