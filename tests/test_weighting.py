@@ -16,6 +16,8 @@ from jvdm import weighting
 
 LAM = np.concatenate([np.linspace(-5.0, 13.3, 2001), [-1e4, -300.0, -90.0, 90.0, 300.0, 1e4]])
 BIAS = 2.0
+SCALE = 3.0  # c of elbo_sigmoid
+KW = {"sigmoid_bias": BIAS, "sigmoid_scale": SCALE}  # the library's weighting parameters
 
 
 def _np_log_weight(name, lam):
@@ -24,6 +26,8 @@ def _np_log_weight(name, lam):
         return np.zeros_like(lam)
     if name == "sigmoid":
         return -np.logaddexp(0.0, lam - BIAS)  # log sigmoid(b - lam)
+    if name == "elbo_sigmoid":
+        return np.log1p(SCALE / (1.0 + np.exp(lam - BIAS)))  # log(1 + c sigmoid(b - lam))
     if name == "v_mse":
         return -0.5 * lam
     gauss = -0.5 * ((lam - 2.4) / 2.4) ** 2 - np.log(2.4 * np.sqrt(2 * np.pi))
@@ -58,8 +62,8 @@ def test_weights_match_float64_and_never_overflow(name):
     lam = jnp.asarray(LAM, jnp.float32)
     fn = jax.jit(
         lambda x: (
-            weighting.log_diffusion_weight(x, weighting=name, sigmoid_bias=BIAS),
-            weighting.diffusion_weight(x, weighting=name, sigmoid_bias=BIAS),
+            weighting.log_diffusion_weight(x, weighting=name, **KW),
+            weighting.diffusion_weight(x, weighting=name, **KW),
         )
     )
     log_w, w = (np.asarray(v, np.float64) for v in fn(lam))
@@ -83,8 +87,8 @@ def test_weights_match_float64_and_never_overflow(name):
 
 def test_monotone_weightings_do_not_increase_with_lambda():
     lam = jnp.linspace(-20.0, 30.0, 5001)
-    for name in ("elbo", "sigmoid", "edm_monotone", "v_mse"):
-        w = np.asarray(weighting.diffusion_weight(lam, weighting=name, sigmoid_bias=BIAS))
+    for name in ("elbo", "sigmoid", "elbo_sigmoid", "edm_monotone", "v_mse"):
+        w = np.asarray(weighting.diffusion_weight(lam, weighting=name, **KW))
         assert np.all(np.diff(w) <= 1e-7 * np.maximum(w[:-1], 1e-30)), name
     w = np.asarray(weighting.diffusion_weight(lam, weighting="edm"))
     assert np.any(np.diff(w) > 0)  # EDM's own weighting rises towards its mode
@@ -102,7 +106,7 @@ def test_elbo_weighting_returns_the_diffusion_term_unchanged():
         weighting.log_diffusion_weight(g, weighting="nope")
 
 
-@pytest.mark.parametrize("name", ["sigmoid", "edm_monotone", "v_mse"])
+@pytest.mark.parametrize("name", ["sigmoid", "elbo_sigmoid", "edm_monotone", "v_mse"])
 def test_vdmpp_identity_weighted_loss_is_a_mixture_of_noise_augmented_elbos(name):
     """VDM++ section 4, on Gaussian data x ~ N(m, s^2 I_D) with the exact denoiser, whose
     ``E||eps - eps_hat||^2 = D s^2 e^lam / (1 + s^2 e^lam)`` per unit lambda. The diffusion term of
@@ -117,7 +121,7 @@ def test_vdmpp_identity_weighted_loss_is_a_mixture_of_noise_augmented_elbos(name
     lam = np.linspace(lam_min, lam_max, 200001)
     mse = d * s2 * np.exp(lam) / (1 + s2 * np.exp(lam))
     w32 = np.asarray(
-        weighting.diffusion_weight(jnp.asarray(lam, jnp.float32), weighting=name, sigmoid_bias=BIAS)
+        weighting.diffusion_weight(jnp.asarray(lam, jnp.float32), weighting=name, **KW)
     )
     lhs = 0.5 * np.trapezoid(w32.astype(np.float64) * mse, lam)
     elbo = 0.5 * d * np.log((1 + s2 * np.exp(lam)) / (1 + s2 * np.exp(lam_min)))

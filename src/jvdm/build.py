@@ -56,6 +56,7 @@ def from_config(config) -> VDM:
         use_variance_gradient=g.use_variance_gradient,
         weighting=m.weighting,
         sigmoid_bias=m.sigmoid_bias,
+        sigmoid_scale=m.sigmoid_scale,
         noise_sampling=m.noise_sampling,
         histogram_bins=m.histogram_bins,
         histogram_decay=m.histogram_decay,

@@ -48,6 +48,7 @@ def _model_section() -> ml_collections.ConfigDict:
     # the bound itself. Evaluation always reports the ELBO.
     m.weighting = "elbo"
     m.sigmoid_bias = 2.0  # b of the "sigmoid" weighting, w = sigmoid(b - lambda)
+    m.sigmoid_scale = 1.0  # c of "elbo_sigmoid", w = 1 + c sigmoid(b - lambda)
     # "uniform_t": t ~ U(0, 1) (stratified), gamma = gamma(t). "adaptive": gamma drawn from an EMA
     # histogram of the loss over lambda, importance-weighted (jvdm.noise_sampling).
     m.noise_sampling = "uniform_t"
@@ -155,6 +156,12 @@ def _validate_objective(m: ml_collections.ConfigDict, need) -> None:
         "model.noise_sampling",
         m.noise_sampling,
         "adaptive sampling is continuous-time: set model.timesteps=0 or noise_sampling=uniform_t",
+    )
+    need(
+        0.0 < m.sigmoid_scale < float("inf"),
+        "model.sigmoid_scale",
+        m.sigmoid_scale,
+        "must be positive and finite",
     )
     need(m.histogram_bins > 0, "model.histogram_bins", m.histogram_bins, "must be positive")
     need(

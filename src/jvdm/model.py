@@ -28,6 +28,7 @@ three are turned into the same eps-space residual without dividing by a small ``
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -57,7 +58,9 @@ class VDM:
       use_variance_gradient: train the schedule's interior on the loss variance (continuous time).
       weighting: the training loss's weighting of noise levels, one of
         :data:`jvdm.weighting.WEIGHTINGS` (``"elbo"``: the bound itself).
-      sigmoid_bias: ``b`` of the ``sigmoid`` weighting ``w = sigmoid(b - lambda)``.
+      sigmoid_bias: ``b`` of the ``sigmoid`` weighting ``w = sigmoid(b - lambda)`` (and of
+        ``elbo_sigmoid``, ``w = 1 + c sigmoid(b - lambda)``).
+      sigmoid_scale: ``c`` of the ``elbo_sigmoid`` weighting.
       noise_sampling: ``"uniform_t"`` (``t`` uniform, ``gamma = gamma(t)``) or ``"adaptive"``
         (``gamma`` drawn from a histogram of the loss, :mod:`jvdm.noise_sampling`).
       histogram_bins: bins of the loss histogram over ``lambda``.
@@ -75,6 +78,7 @@ class VDM:
     use_variance_gradient: bool = True
     weighting: str = "elbo"
     sigmoid_bias: float = 2.0
+    sigmoid_scale: float = 1.0
     noise_sampling: str = "uniform_t"
     histogram_bins: int = 100
     histogram_decay: float = 0.99
@@ -91,6 +95,8 @@ class VDM:
             raise ValueError(
                 f"weighting={self.weighting!r}; expected one of {weighting.WEIGHTINGS}"
             )
+        if not 0.0 < self.sigmoid_scale < math.inf:
+            raise ValueError(f"sigmoid_scale={self.sigmoid_scale}; expected positive and finite")
         if self.noise_sampling not in NOISE_SAMPLINGS:
             raise ValueError(f"noise_sampling={self.noise_sampling!r}; one of {NOISE_SAMPLINGS}")
         if self.timesteps and (self.weighting != "elbo" or self.noise_sampling != "uniform_t"):

@@ -58,7 +58,11 @@ def _objective(model, train):
         if model.weighting == "elbo":
             return scale(bpd["bpd"]), bpd
         weighted = weighting.weighted_diffusion_loss(
-            bpd["diffusion_bpd"], g_t, weighting=model.weighting, sigmoid_bias=model.sigmoid_bias
+            bpd["diffusion_bpd"],
+            g_t,
+            weighting=model.weighting,
+            sigmoid_bias=model.sigmoid_bias,
+            sigmoid_scale=model.sigmoid_scale,
         )
         bpd["weighted_diffusion_bpd"] = weighted
         return scale(bpd["recon_bpd"] + bpd["prior_bpd"] + weighted), bpd

@@ -34,7 +34,8 @@ __all__ = [
 
 SAMPLER_NAMES = ("ancestral", "ddim", "dpm_solver")
 PREDICTIONS = ("eps", "x0", "v")  # what the denoiser outputs
-WEIGHTINGS = ("elbo", "sigmoid", "edm", "edm_monotone", "v_mse")  # w(lambda) of the training loss
+# w(lambda) of the training loss
+WEIGHTINGS = ("elbo", "sigmoid", "elbo_sigmoid", "edm", "edm_monotone", "v_mse")
 NOISE_SAMPLINGS = ("uniform_t", "adaptive")  # how training draws the noise levels
 
 

@@ -18,6 +18,10 @@ the schedule's end points move), and as ``exp`` of it. Table (VDM++ table 1, ``s
 ==============  ===============================================================================
 ``elbo``        ``w = 1``
 ``sigmoid``     ``w = sigmoid(b - lambda)`` with bias ``b`` (VDM++ eq. 10)
+``elbo_sigmoid`` ``w = 1 + c sigmoid(b - lambda)``: the ELBO plus ``c`` times the sigmoid
+                weighting. The low-noise end keeps the ELBO's weight (where most of the bits are),
+                the middle and the noisy end get up to ``1 + c`` times it (where the samples'
+                shapes are made); non-increasing, so the VDM++ reading applies
 ``edm``         ``w = N(lambda; 2.4, 2.4^2) (e^{-lambda} + sigma_data^2) / sigma_data^2``
 ``edm_monotone`` the smallest non-increasing function above ``edm``: ``edm(max(lambda, l*))``
                 with ``l*`` its mode, so that VDM++'s ELBO reading applies (section 4)
@@ -82,14 +86,20 @@ def _log_edm(lam: Array) -> Array:
 
 
 def log_diffusion_weight(
-    lam: Float[ArrayLike, "*shape"], *, weighting: str, sigmoid_bias: float = 0.0
+    lam: Float[ArrayLike, "*shape"],
+    *,
+    weighting: str,
+    sigmoid_bias: float = 0.0,
+    sigmoid_scale: float = 1.0,
 ) -> Float[Array, "*shape"]:
     """``log w(lambda)``, elementwise, finite for every finite ``lambda``.
 
     Args:
       lam: ``lambda = log SNR = -gamma``, any shape.
       weighting: one of :data:`WEIGHTINGS`.
-      sigmoid_bias: ``b`` of the ``sigmoid`` weighting (ignored by the others).
+      sigmoid_bias: ``b`` of the ``sigmoid`` and ``elbo_sigmoid`` weightings (ignored by the
+        others).
+      sigmoid_scale: ``c > 0`` of ``elbo_sigmoid`` (ignored by the others).
     """
     lam = jnp.asarray(lam)
     lam = lam if jnp.issubdtype(lam.dtype, jnp.floating) else lam.astype(jnp.float32)
@@ -98,6 +108,10 @@ def log_diffusion_weight(
     if weighting == "sigmoid":
         # log_sigmoid is -softplus(-x): exact for large |x|, where log(sigmoid(x)) would give -inf.
         return jax.nn.log_sigmoid(sigmoid_bias - lam)
+    if weighting == "elbo_sigmoid":
+        # log(1 + c sigmoid(u)) = softplus(log c + log sigmoid(u)): no overflow, and exact where
+        # c sigmoid(u) is tiny (softplus(x) = log1p(e^x)).
+        return jax.nn.softplus(math.log(sigmoid_scale) + jax.nn.log_sigmoid(sigmoid_bias - lam))
     if weighting == "edm":
         return _log_edm(lam)
     if weighting == "edm_monotone":
@@ -108,7 +122,11 @@ def log_diffusion_weight(
 
 
 def diffusion_weight(
-    lam: Float[ArrayLike, "*shape"], *, weighting: str, sigmoid_bias: float = 0.0
+    lam: Float[ArrayLike, "*shape"],
+    *,
+    weighting: str,
+    sigmoid_bias: float = 0.0,
+    sigmoid_scale: float = 1.0,
 ) -> Float[Array, "*shape"]:
     """``w(lambda) = exp(log w(lambda))``, elementwise (see :func:`log_diffusion_weight`)."""
     if weighting == "elbo":
@@ -116,6 +134,8 @@ def diffusion_weight(
     if weighting == "sigmoid":
         # sigmoid itself is exact in float32 over the whole line (no exp of a large argument).
         return jax.nn.sigmoid(sigmoid_bias - jnp.asarray(lam))
+    if weighting == "elbo_sigmoid":
+        return 1.0 + sigmoid_scale * jax.nn.sigmoid(sigmoid_bias - jnp.asarray(lam))
     return jnp.exp(log_diffusion_weight(lam, weighting=weighting, sigmoid_bias=sigmoid_bias))
 
 
@@ -125,6 +145,7 @@ def weighted_diffusion_loss(
     *,
     weighting: str,
     sigmoid_bias: float = 0.0,
+    sigmoid_scale: float = 1.0,
 ) -> Float[Array, " B"]:
     """``L_w`` per example from the ELBO's per-example diffusion term at the same draws.
 
@@ -135,12 +156,17 @@ def weighted_diffusion_loss(
     Args:
       diffusion: per-example ELBO diffusion term ``[B]`` (nats).
       gamma_t: the noise level of each example ``[B]`` (``lambda = -gamma_t``).
-      weighting, sigmoid_bias: see :func:`log_diffusion_weight`.
+      weighting, sigmoid_bias, sigmoid_scale: see :func:`log_diffusion_weight`.
 
     References: VDM++ eq. 7.
     """
     diffusion = jnp.asarray(diffusion)
     if weighting == "elbo":
         return diffusion
-    w = diffusion_weight(-jnp.asarray(gamma_t), weighting=weighting, sigmoid_bias=sigmoid_bias)
+    w = diffusion_weight(
+        -jnp.asarray(gamma_t),
+        weighting=weighting,
+        sigmoid_bias=sigmoid_bias,
+        sigmoid_scale=sigmoid_scale,
+    )
     return w.astype(diffusion.dtype) * diffusion
