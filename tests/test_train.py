@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from jvdm import checkpoint as ckpt
 from jvdm import config as config_lib
 from jvdm import data as data_lib
-from jvdm import parallel, train_log
+from jvdm import parallel, train_log, viz
 from jvdm import run as run_lib
 from jvdm import train as train_lib
 from jvdm import train_state as state_lib
@@ -183,8 +184,16 @@ def test_end_to_end_bpd_falls_and_outputs_are_written(runs):
         "step": STEPS,
         "eval/bpd_mean": result["bpd_mean"],
         "eval/bpd_sem": result["bpd_sem"],
+        "eval/samples_zero_share": result["samples_zero_share"],
+        "eval/samples_bpd": result["samples_bpd"],
         **quality,  # the final samples scored in the digits classifier's features
     }
+    assert 0.0 <= result["samples_zero_share"] <= 1.0 and np.isfinite(result["samples_bpd"])
+    # The grid is the samples: its tiles' exactly-zero share is the logged one.
+    grid = np.asarray(Image.open(result["samples"]))
+    n = tiny().eval.num_samples
+    tiles = viz.image_grid(np.ones((n, 28, 28, 1), np.uint8))[..., 0] == 1
+    assert np.mean(grid[tiles] == 0) == pytest.approx(result["samples_zero_share"], abs=1e-12)
     assert set(quality) == {f"quality/{k}" for k in ("fd", "kid", "precision", "recall")} | {
         "quality/confidence",
         "quality/label_entropy",

@@ -178,6 +178,15 @@ def evaluate_and_save(spec: EvalSpec, state, workdir: str, step: int, *, draws: 
     images = sampling.sample(
         params, k_sample, spec.num_samples, steps=spec.sample_steps, sampler=spec.sampler
     )
+    # Two pixel-level checks that a feature distance can miss: the share of exactly-zero pixels
+    # (the data's backgrounds; 80% of mnist's pixels) and the model's own ELBO of its samples
+    # (far above the test bpd when the sampled distribution is wider than the data's).
+    own = evaluate.bpd(params, images, jax.random.fold_in(k_sample, 1))["bpd"]
+    result = {
+        **result,
+        "samples_zero_share": float(np.mean(np.asarray(images) == 0)),
+        "samples_bpd": float(np.mean(np.asarray(own))),
+    }
     paths = {
         "samples": os.path.join(workdir, f"samples_{step:07d}.png"),
         "gamma_plot": os.path.join(workdir, f"gamma_{step:07d}.png"),
@@ -204,6 +213,9 @@ def _quality(images, *, dataset: str, data_dir: str | None) -> dict:
 def eval_scalars(result: dict) -> dict[str, float]:
     """The scalars of an evaluation to log: the bound, and the sample scores if computed."""
     out = {f"eval/{k}": result[k] for k in ("bpd_mean", "bpd_sem")}
+    out.update(
+        {f"eval/{k}": result[k] for k in ("samples_zero_share", "samples_bpd") if k in result}
+    )
     scores = result.get("quality", {}).get("samples", {})
     out.update({f"quality/{k}": v for k, v in scores.items()})
     return out
