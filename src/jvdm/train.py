@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jvdm import build, parallel, train_log, train_run, validate
+from jvdm import build, optimizer, parallel, train_log, train_run, validate
 from jvdm import config as config_lib
 from jvdm import train_state as state_lib
 from jvdm import workdir as workdir_lib
@@ -105,7 +105,7 @@ def state_spec(config) -> state_lib.StateSpec:
     """The static part of the training state of ``config``: its model, AdamW with the learning-rate
     schedule of ``config.optimizer`` over ``config.train.steps``, and the EMA decay."""
     o, g = config.optimizer, config.gamma
-    tx, lr_schedule = state_lib.make_optimizer(
+    tx, lr_schedule = optimizer.make_optimizer(
         learning_rate=float(o.learning_rate),
         warmup_steps=int(o.warmup_steps),
         total_steps=int(config.train.steps),
