@@ -2,10 +2,11 @@
 
 ``import jvdm`` used to apply jvdm's CPU runtime defaults as a side effect; now the command applies
 them before JAX starts. This checks that the command still runs the step as fast: each variant runs
-``jvdm train`` on the default experiment (``experiments/learned_snr.py``, batch 32) in a fresh
-process, and the ms/step are read from the run's own ``metrics.jsonl`` (``train/images_per_sec`` of
-every logging interval after the first, which holds the compilation). Variants alternate in pairs
-on one machine, and the result is the ratio ``after / before`` per pair (< 1 is faster).
+``jvdm train`` on the default experiment (``experiments/learned_snr.py``) at batch ``--batch`` (32
+unless set, whatever the experiment's own) in a fresh process, and the ms/step are read from the
+run's own ``metrics.jsonl`` (``train/images_per_sec`` of every logging interval after the first,
+which holds the compilation). Variants alternate in pairs on one machine, and the result is the
+ratio ``after / before`` per pair (< 1 is faster).
 
 Usage::
 
@@ -48,6 +49,7 @@ def _export(commit: str, into: pathlib.Path) -> pathlib.Path:
 
 def _ms_per_step(src: pathlib.Path, workdir: pathlib.Path, args) -> list[float]:
     overrides = [
+        f"train.batch_size={args.batch}",
         f"train.steps={args.steps}",
         f"train.log_every={args.log_every}",
         "train.use_final_eval=False",
@@ -65,7 +67,7 @@ def _ms_per_step(src: pathlib.Path, workdir: pathlib.Path, args) -> list[float]:
         raise SystemExit(out.stderr[-3000:])
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     rates = [r["train/images_per_sec"] for r in records if "train/images_per_sec" in r]
-    return [1e3 * 32 / rate for rate in rates[1:]]
+    return [1e3 * args.batch / rate for rate in rates[1:]]
 
 
 def main() -> None:
@@ -74,6 +76,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--log-every", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
     load_before = _common.loadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,7 +93,7 @@ def main() -> None:
         "entry_runtime",
         {
             "config": "learned_snr",
-            "batch": 32,
+            "batch": args.batch,
             "before": args.before,
             "ms_per_step": ms,
             "median_ms_per_pair": medians,

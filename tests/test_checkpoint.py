@@ -136,7 +136,7 @@ def test_config_is_saved_and_compared_on_resume(tmp_path):
     )
     assert allowed == {
         "eval.draws": (1, 2),
-        "optimizer.learning_rate": (2e-3, 1e-3),
+        "optimizer.learning_rate": (tiny().optimizer.learning_rate, 1e-3),
         "train.steps": (4, 8),
     }
     # A different model is not: every differing architecture field is named.
