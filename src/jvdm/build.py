@@ -6,11 +6,10 @@ into the explicit arguments of the networks and of :class:`~jvdm.model.VDM`.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
+from jvdm import parallel
 from jvdm.model import VDM, VDMParams, init
 from jvdm.nn import gamma as gamma_lib
 
@@ -68,13 +67,6 @@ def from_config(config) -> VDM:
 
 def init_params(config, key: jax.Array) -> VDMParams:
     """The model of ``config``, initialised (one compiled program per model)."""
-    return _compiled_init()(from_config(config), key)
-
-
-@functools.cache
-def _compiled_init():
     # Op by op, the U-Net's initialisation dispatches hundreds of small programs (20 s for the
-    # tests' tiny model on CPU). Compiled, it is one program that runs once, so on CPU it gets
-    # LLVM's level 0, as the trainer's initialisation does (jvdm.train_state).
-    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-    return jax.jit(init, static_argnums=0, compiler_options=options)
+    # tests' tiny model on CPU); compiled, it is one.
+    return parallel.jit_run_once(init, (0,))(from_config(config), key)

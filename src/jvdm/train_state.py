@@ -102,21 +102,6 @@ def _init_state_impl(model, tx, lr_schedule, ema_decay, key) -> TrainState:
     )
 
 
-# The initialisation runs once per run. On CPU its program (a threefry stream per parameter) takes
-# LLVM ~4x longer to optimise at the default level than at level 0 (15 s vs 4 s for the tiny
-# model), for no benefit to a program that runs once; accelerators keep their defaults.
-_init_state = jax.jit(_init_state_impl, static_argnums=(0, 1, 2, 3))
-_init_state_cpu = jax.jit(
-    _init_state_impl,
-    static_argnums=(0, 1, 2, 3),
-    compiler_options={"xla_backend_optimization_level": 0},
-)
-
-
-def _init_fn():
-    return _init_state_cpu if jax.default_backend() == "cpu" else _init_state
-
-
 def create_train_state(spec: StateSpec, key: jax.Array, *, mesh: Mesh | None = None) -> TrainState:
     """A fresh state of ``spec``, initialised from ``key`` and replicated over ``mesh`` (default:
     all devices).
@@ -125,7 +110,7 @@ def create_train_state(spec: StateSpec, key: jax.Array, *, mesh: Mesh | None = N
     call with an equal spec) and then copied onto the mesh.
     """
     mesh = parallel.make_mesh() if mesh is None else mesh
-    state = _init_fn()(*spec, key)
+    state = parallel.jit_run_once(_init_state_impl, (0, 1, 2, 3))(*spec, key)
     return parallel.replicate(state, mesh)
 
 
