@@ -12,10 +12,17 @@ denoiser stops putting background pixels exactly on -1.
 
 For each start level it reports the share of exactly-zero pixels, of pixels in 1..15, the share of
 the real image's zero pixels that come back as 0, and one denoiser call's accuracy at that level:
-the share of the real zero pixels whose ``x0_hat`` rounds to the zero bin. Prints one JSON record
-(appended to bench/results.jsonl):
+the share of the real zero pixels whose ``x0_hat`` rounds to the zero bin.
+
+With ``--lifts K ...`` it also asks whether the chain *repairs* a wrong background: the real
+images' zero pixels are set to ``k`` (a background lifted by ``k`` bins, as in the grey samples),
+noised to ``--lift-start`` and run down to 0; the shares of them that come back as 0 and that stay
+at ``k`` are reported. (With VDM's Fourier features, n = 6, 7, a lift of 4 or 8 bins stays put: it
+has the features of -1.)
+Prints one JSON record (appended to bench/results.jsonl):
 
     python bench/sample_defect.py --workdir runs/learned_snr [--n 128] [--steps-full 250]
+        [--lifts 0 1 2 3 4 6 8 --lift-start 0.2]
 """
 
 from __future__ import annotations
@@ -97,6 +104,8 @@ def main() -> int:
     parser.add_argument("--starts", type=float, nargs="+", default=list(DEFAULT_STARTS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clip", action="store_true", help="clip x0_hat to [-1, 1] in each step")
+    parser.add_argument("--lifts", type=int, nargs="*", default=[], help="background lifts (bins)")
+    parser.add_argument("--lift-start", type=float, default=0.2, help="t_s of the lift rows")
     args = parser.parse_args()
     load_before = _common.loadavg()
 
@@ -130,6 +139,23 @@ def main() -> int:
             }
         )
         print(rows[-1], file=sys.stderr, flush=True)
+    lifts = []
+    for k in args.lifts:
+        lifted = np.where(real_zero, k, pixels).astype(pixels.dtype)
+        key = jax.random.fold_in(jax.random.key(args.seed + 1), k)
+        t_s = args.lift_start
+        out, _ = restart(params, lifted, key, np.float32(t_s), steps=steps_for(t_s))
+        back = np.asarray(out)[real_zero]
+        lifts.append(
+            {
+                "lift": k,
+                "t_start": t_s,
+                "back_to_zero": float(np.mean(back == 0)),
+                "stays_at_lift": float(np.mean(back == k)),
+                "mean_value": float(np.mean(back)),
+            }
+        )
+        print(lifts[-1], file=sys.stderr, flush=True)
     result = {
         "workdir": args.workdir,
         "n": args.n,
@@ -138,6 +164,7 @@ def main() -> int:
         "real_zero_share": float(np.mean(real_zero)),
         "real_low_share_1_15": float(np.mean((pixels >= 1) & (pixels <= 15))),
         "rows": rows,
+        "lifts": lifts,
     }
     _common.emit("sample_defect", result, load_before=load_before)
     return 0

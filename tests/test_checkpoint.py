@@ -6,6 +6,7 @@ tests free of model compilation.
 """
 
 import gc
+import json
 import os
 
 import jax
@@ -152,3 +153,22 @@ def test_config_is_saved_and_compared_on_resume(tmp_path):
 def test_every_architecture_field_exists_in_the_config():
     flat = run_config._flat(tiny().to_dict())
     assert set(run_config.ARCHITECTURE_FIELDS) <= set(flat)
+
+
+def test_a_run_saved_before_a_field_existed_loads_as_it_was_trained(tmp_path):
+    """Runs saved before ``model.fourier_min`` / ``fourier_max`` existed used VDM's 6, 8: they
+    load as that network, and resuming one with today's default names the difference."""
+    workdir = str(tmp_path)
+    run_config.save_config(tiny(), workdir)
+    path = os.path.join(workdir, "config.json")
+    with open(path) as f:
+        saved = json.load(f)
+    del saved["model"]["fourier_min"], saved["model"]["fourier_max"]
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    loaded = run_lib.load_config(workdir)
+    assert (loaded.model.fourier_min, loaded.model.fourier_max) == (6, 8)
+    assert (tiny().model.fourier_min, tiny().model.fourier_max) == (0, 8)
+    with pytest.raises(ValueError, match="model.fourier_min: saved 6, requested 0"):
+        run_config.check_config(tiny(), workdir)
+    assert run_config.check_config(tiny("model.fourier_min=6"), workdir) == {}

@@ -172,3 +172,28 @@ def test_count_params_and_flops(tiny):
     flops = forward_flops(model, shapes, (8, 8, 1), batch_size=2)
     # At least the 3x3 convs of the 5 ResNet blocks (2 each, >= 8 -> 8 channels), 2 FLOPs per MAC.
     assert flops > 5 * 2 * (2 * 8 * 8) * (9 * 8 * 8) * 2
+
+
+def _pixel_features(fourier_min, fourier_max):
+    """The input features (z and its Fourier features) of the 256 noiseless pixel values."""
+    from jvdm.decoder import scale_pixels
+    from jvdm.nn.unet import _fourier_features
+
+    z = scale_pixels(jnp.arange(256)).reshape(1, 1, 256, 1)
+    return np.asarray(_fourier_features(z, fourier_min, fourier_max))[0, 0]  # [256, F]
+
+
+def test_fourier_features_tell_every_pixel_value_from_the_background():
+    """VDM's frequencies 6..7 repeat every 4 bins: pixel values 4 and 8 have the features of 0 to
+    within 0.05 (the sampler then left whole backgrounds at 4, issue 17). From n = 0 every value's
+    features differ from value 0's by more than 1, as much as a 4-bin jump does at n = 6."""
+    old = _pixel_features(6, 8)
+    gap_old = np.linalg.norm(old - old[0], axis=-1)
+    assert gap_old[4] < 0.05 and gap_old[8] < 0.1 and gap_old[2] > 1.9
+
+    new = _pixel_features(0, 8)
+    gap_new = np.linalg.norm(new - new[0], axis=-1)
+    assert np.min(gap_new[1:]) > 1.0
+    # No two values share their features (the nearest pair still differs clearly).
+    dist = np.linalg.norm(new[:, None] - new[None], axis=-1)
+    assert np.min(dist[~np.eye(256, dtype=bool)]) > 1.0

@@ -32,6 +32,8 @@ def from_config(config) -> VDM:
         num_groups=m.num_groups,
         dropout=m.dropout,
         use_fourier_features=m.use_fourier_features,
+        fourier_min=m.fourier_min,
+        fourier_max=m.fourier_max,
         gamma_min=g.gamma_min,
         gamma_max=g.gamma_max,
         dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,

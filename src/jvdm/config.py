@@ -38,6 +38,12 @@ def _model_section() -> ml_collections.ConfigDict:
     m.num_groups = 8
     m.dropout = 0.0
     m.use_fourier_features = True
+    # sin/cos(2^n pi z) for n in [fourier_min, fourier_max) beside z. VDM's 6..7 repeat every 4
+    # pixel bins, so a background lifted by 4 or 8 bins looked to the network like a clean one and
+    # the sampler never pulled it back (issue 17, bench/RESULTS.md); from n = 0 no two pixel values
+    # share their features. Runs saved before these fields existed used 6, 8 (LEGACY_FIELDS).
+    m.fourier_min = 0
+    m.fourier_max = 8
     m.prediction = "eps"
     # 0 means continuous time (VDM eq. 17); T > 0 gives the discrete-time bound with T steps.
     m.timesteps = 0
@@ -198,6 +204,13 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     )
     need(m.num_res_blocks > 0, "model.num_res_blocks", m.num_res_blocks, "must be positive")
     need(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must lie in [0, 1)")
+    need(
+        0 <= m.fourier_min < m.fourier_max <= 16,
+        "model.fourier_min",
+        m.fourier_min,
+        f"need 0 <= fourier_min < fourier_max (here {m.fourier_max}) <= 16 (float32 resolves "
+        "sin(2^n pi z) only to n ~ 16)",
+    )
     need(m.prediction in PREDICTIONS, "model.prediction", m.prediction, f"one of {PREDICTIONS}")
     need(m.timesteps >= 0, "model.timesteps", m.timesteps, "0 (continuous) or a positive T")
     need(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "float32 or bfloat16")
@@ -331,8 +344,23 @@ def from_dict(saved: dict[str, Any]) -> ml_collections.ConfigDict:
       JvdmUserError: a saved field is unknown to this version of jvdm, or does not fit its type.
     """
     config = base_config()
-    _update(config, saved, prefix="")
+    _update(config, with_legacy_fields(saved), prefix="")
     return config
+
+
+# Fields added after runs had been saved without them: (section, field) -> the value those runs
+# were trained with, which differs from today's default.
+LEGACY_FIELDS = {("model", "fourier_min"): 6, ("model", "fourier_max"): 8}
+
+
+def with_legacy_fields(saved: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with the value of every :data:`LEGACY_FIELDS` field it lacks (a run saved before
+    that field existed), so an old run loads as the network it was trained as."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    for (section, field), value in LEGACY_FIELDS.items():
+        if isinstance(out.get(section), dict) and field not in out[section]:
+            out[section][field] = value
+    return out
 
 
 def _update(node: ml_collections.ConfigDict, saved: dict[str, Any], *, prefix: str) -> None:

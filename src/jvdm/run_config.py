@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from jvdm.config import with_legacy_fields
 from jvdm.errors import JvdmUserError
 from jvdm.run import read_saved_config
 from jvdm.workdir import CONFIG_FILE
@@ -34,6 +35,8 @@ ARCHITECTURE_FIELDS = (
     "model.num_heads",
     "model.num_groups",
     "model.use_fourier_features",
+    "model.fourier_min",
+    "model.fourier_max",
     "model.prediction",
     "gamma.schedule",
     "gamma.hidden",
@@ -94,7 +97,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str) -> dict[str, t
     saved = read_saved_config(workdir)
     if saved is None:
         return {}
-    diff = config_diff(saved, config)
+    diff = config_diff(with_legacy_fields(saved), config)
     bad = {k: v for k, v in diff.items() if k in ARCHITECTURE_FIELDS}
     if bad:
         changes = "; ".join(f"{k}: saved {a!r}, requested {b!r}" for k, (a, b) in bad.items())

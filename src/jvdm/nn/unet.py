@@ -125,7 +125,10 @@ class UNet(nn.Module):
         stream ``'dropout'``).
       num_groups: GroupNorm groups; must divide every channel count.
       use_fourier_features: concatenate sin/cos(2^n pi z), n in [fourier_min, fourier_max), to z.
-      fourier_min, fourier_max: range of Fourier frequencies (VDM: 6, 8).
+      fourier_min, fourier_max: range of Fourier frequencies. VDM used 6, 8, whose features are
+        periodic in z with period 2 / 2**6, i.e. 4 pixel bins: a background lifted by 4 or 8 bins
+        looks to them exactly like one at -1 (the grey backgrounds of issue 17). From
+        ``fourier_min=0`` no two pixel values in [-1, 1] share their features.
       gamma_min, gamma_max: only normalise the conditioning, t = (gamma - gamma_min) /
         (gamma_max - gamma_min); they are not parameters.
       dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters and the output stay float32.
@@ -141,7 +144,7 @@ class UNet(nn.Module):
     dropout: float = 0.1
     num_groups: int = 8
     use_fourier_features: bool = True
-    fourier_min: int = 6
+    fourier_min: int = 0
     fourier_max: int = 8
     gamma_min: float = -13.3
     gamma_max: float = 5.0
