@@ -96,6 +96,17 @@ def _programs(steps_full: int, clip: bool):
     return restart, steps_for
 
 
+def _background_levels(images) -> dict[int, int]:
+    """``{v: number of images whose background sits at v}``: the median of each image's pixels
+    below 64. A grey sample is seldom speckled: its whole background sits at one level (issue 17:
+    1, 3 or 4 with VDM's Fourier features), so this tells a lifted background from noise."""
+    import numpy as np
+
+    levels = [int(np.median(im[im < 64])) if np.any(im < 64) else -1 for im in images]
+    values, counts = np.unique(levels, return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", required=True)
@@ -136,6 +147,7 @@ def main() -> int:
                 "low_share_1_15": float(np.mean((out >= 1) & (out <= 15))),
                 "real_zero_kept": float(np.mean(out[real_zero] == 0)),
                 "x0_hat_zero_of_real_zero": float(np.mean(x0_zero[real_zero])),
+                "background_levels": _background_levels(out),
             }
         )
         print(rows[-1], file=sys.stderr, flush=True)
