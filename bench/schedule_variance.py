@@ -14,7 +14,7 @@ different schedules are compared at matched steps by passing them together. Prin
 record (and appends it to bench/results.jsonl):
 
     python bench/schedule_variance.py --workdir runs/learned_snr runs/fixed_linear runs/cosine
-        [--images 32] [--grid 64] [--steps 1200 2400 3600] [--with-histogram]
+        [--images 32] [--grid 64] [--steps 600 1200 1800] [--with-histogram]
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The default experiment: a continuous-time VDM with a learned noise schedule on mnist_subset.
 
-Sized for about 15 minutes on a 2-core CPU (`make train EXP=learned_snr`): 3,600 steps of batch 16,
-with the model, batch, steps and learning rate chosen on the validation slice (bench/RESULTS.md).
+Sized for at most 15 minutes on a 2-core CPU, install included (`make train EXP=learned_snr`): 1,800
+steps of batch 16, with the model, its prediction and input features, batch, steps and learning
+rate chosen on the validation slice (bench/RESULTS.md).
 """
 
 from jvdm.config import base_config

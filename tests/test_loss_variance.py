@@ -247,4 +247,4 @@ def test_config_fields_are_validated(override, match):
     # The default run measures three times, the last at its end, at 32 x 64 forward passes each.
     t = config_lib.base_config().train
     steps = [s for s in range(1, t.steps + 1) if s % t.variance_every == 0 or s == t.steps]
-    assert steps == [1200, 2400, 3600] and (t.variance_images, t.variance_grid) == (32, 64)
+    assert steps == [600, 1200, 1800] and (t.variance_images, t.variance_grid) == (32, 64)
