@@ -184,9 +184,10 @@ def _pixel_features(fourier_min, fourier_max):
 
 
 def test_fourier_features_tell_every_pixel_value_from_the_background():
-    """VDM's frequencies 6..7 repeat every 4 bins: pixel values 4 and 8 have the features of 0 to
-    within 0.05 (the sampler then left whole backgrounds at 4, issue 17). From n = 0 every value's
-    features differ from value 0's by more than 1, as much as a 4-bin jump does at n = 6."""
+    """VDM's frequencies 6..7 repeat every 4 bins: pixel values 4 and 8 have the features of 0
+    (up to float32 rounding; the sampler then left whole backgrounds at 4, issue 17). From n = 0
+    every value's features differ from value 0's by more than 1, as much as a 4-bin jump does at
+    n = 6."""
     old = _pixel_features(6, 8)
     gap_old = np.linalg.norm(old - old[0], axis=-1)
     assert gap_old[4] < 0.05 and gap_old[8] < 0.1 and gap_old[2] > 1.9

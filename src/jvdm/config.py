@@ -43,7 +43,7 @@ def _model_section() -> ml_collections.ConfigDict:
     # the sampler never pulled it back (issue 17, bench/RESULTS.md); from n = 0 no two pixel values
     # share their features: on the validation slice, 1.136 bpd against 1.212 at 3,600 steps, and
     # 80% exactly-zero pixels in samples (real digits: 81%) against 44%. Runs saved before these
-    # fields existed used 6, 8 (LEGACY_FIELDS).
+    # fields existed used 6, 8 (jvdm.run.LEGACY_FIELDS).
     m.fourier_min = 0
     m.fourier_max = 8
     # v = alpha eps - sigma x (Salimans & Ho 2022): on the validation slice 1.212 bpd against eps's
@@ -351,23 +351,8 @@ def from_dict(saved: dict[str, Any]) -> ml_collections.ConfigDict:
       JvdmUserError: a saved field is unknown to this version of jvdm, or does not fit its type.
     """
     config = base_config()
-    _update(config, with_legacy_fields(saved), prefix="")
+    _update(config, saved, prefix="")
     return config
-
-
-# Fields added after runs had been saved without them: (section, field) -> the value those runs
-# were trained with, which differs from today's default.
-LEGACY_FIELDS = {("model", "fourier_min"): 6, ("model", "fourier_max"): 8}
-
-
-def with_legacy_fields(saved: dict[str, Any]) -> dict[str, Any]:
-    """``saved`` with the value of every :data:`LEGACY_FIELDS` field it lacks (a run saved before
-    that field existed), so an old run loads as the network it was trained as."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
-    for (section, field), value in LEGACY_FIELDS.items():
-        if isinstance(out.get(section), dict) and field not in out[section]:
-            out[section][field] = value
-    return out
 
 
 def _update(node: ml_collections.ConfigDict, saved: dict[str, Any], *, prefix: str) -> None:

@@ -83,13 +83,26 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[pathlib.Path, pathlib.P
     return path, steps[-1]
 
 
+# Config fields added after runs had been saved without them: (section, field) -> the value those
+# runs were trained with, where it differs from today's default (VDM's Fourier frequencies 6..7).
+LEGACY_FIELDS = {("model", "fourier_min"): 6, ("model", "fourier_max"): 8}
+
+
 def read_saved_config(workdir: str | os.PathLike) -> dict[str, Any] | None:
-    """The saved ``config.json`` of ``workdir`` as written (nested JSON), or ``None`` if none."""
+    """The saved ``config.json`` of ``workdir`` (nested JSON), or ``None`` if none.
+
+    A run saved before a field of :data:`LEGACY_FIELDS` existed gets that field's value, so loading
+    and resuming both see the network it was trained as.
+    """
     file = pathlib.Path(workdir) / CONFIG_FILE
     if not file.is_file():
         return None
     with open(file) as f:
-        return json.load(f)
+        saved = json.load(f)
+    for (section, field), value in LEGACY_FIELDS.items():
+        if isinstance(saved.get(section), dict):
+            saved[section].setdefault(field, value)
+    return saved
 
 
 def load_config(workdir: str | os.PathLike):

@@ -16,7 +16,6 @@ from typing import Any
 import jax
 import ml_collections
 
-from jvdm.config import with_legacy_fields
 from jvdm.errors import JvdmUserError
 from jvdm.run import read_saved_config
 from jvdm.workdir import CONFIG_FILE
@@ -97,7 +96,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str) -> dict[str, t
     saved = read_saved_config(workdir)
     if saved is None:
         return {}
-    diff = config_diff(with_legacy_fields(saved), config)
+    diff = config_diff(saved, config)
     bad = {k: v for k, v in diff.items() if k in ARCHITECTURE_FIELDS}
     if bad:
         changes = "; ".join(f"{k}: saved {a!r}, requested {b!r}" for k, (a, b) in bad.items())
