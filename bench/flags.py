@@ -48,6 +48,9 @@ VARIANTS = {
         "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot,-reduce",
         {},
     ),
+    # XLA:CPU's legacy elemental emitters for loop fusions instead of the MLIR fusion emitters:
+    # about a third less compile time for the tiny test configs (bench/RESULTS.md).
+    "fusion_emitters_off": ("--xla_cpu_use_fusion_emitters=false", {}),
     "concurrency_scheduler": ("--xla_cpu_enable_concurrency_optimized_scheduler=true", {}),
     # jvdm's XLA flag without its host-memory and dispatch defaults (jvdm/_xla_defaults.py).
     "no_memory_reuse": (

@@ -46,10 +46,17 @@ def mnist_test():
 
 
 def test_build_from_scratch_without_tensorflow(tmp_path, mnist_train):
-    """A fresh build in a new data dir, in a clean interpreter, never imports TensorFlow."""
+    """A fresh build in a new data dir, in a clean interpreter, never imports TensorFlow, never
+    asks tfds's GCS bucket for metadata, and leaves nothing in the temporary directory."""
     script = textwrap.dedent(
         f"""
         import sys, time
+        from tensorflow_datasets.core.utils import gcs_utils
+
+        def no_gcs(*args, **kwargs):
+            raise AssertionError("tfds looked for dataset info in its GCS bucket")
+
+        gcs_utils.gcs_dataset_info_files = no_gcs
         from jvdm import data
         t = time.perf_counter()
         data.prepare("mnist_subset", {str(tmp_path)!r})
@@ -61,11 +68,14 @@ def test_build_from_scratch_without_tensorflow(tmp_path, mnist_train):
         assert "tensorflow" not in sys.modules, "tensorflow was imported"
         """
     )
-    env = {**os.environ, "TFDS_DATA_DIR": str(tmp_path / "unused")}
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TFDS_DATA_DIR": str(tmp_path / "unused"), "TMPDIR": str(scratch)}
     proc = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(scratch.iterdir()), sorted(p.name for p in scratch.iterdir())
     assert list((tmp_path / "mnist_subset").glob("*/mnist_subset-train.array_record-*"))
     # The split is deterministic: an independent build gives identical arrays.
     np.testing.assert_array_equal(

@@ -22,6 +22,20 @@ __all__ = ["build"]
 Examples = Callable[[], Iterator[tuple[str, dict[str, Any]]]]
 
 
+class _LocalInfo(tfds.core.DatasetInfo):
+    """A ``DatasetInfo`` that never looks for pre-computed metadata in tfds's GCS bucket.
+
+    tfds calls ``initialize_from_bucket`` whenever a builder is made for a dataset that is not yet
+    written: it probes ``gs://tfds-data/dataset_info/<name>`` (a network access) and first makes a
+    temporary directory that it never removes (tfds 4.9.10, ``dataset_info.py``), so every build
+    left an empty ``/tmp/tmp*tfds`` behind. jvdm writes its datasets from local files it has
+    already verified; there is nothing to fetch.
+    """
+
+    def initialize_from_bucket(self) -> None:
+        return None
+
+
 class _ArrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Writes the splits handed to it; the subclass made by :func:`build` gives name and version."""
 
@@ -45,7 +59,7 @@ class _ArrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             features["label"] = tfds.features.ClassLabel(names=list(self.CLASS_NAMES))
         # `DatasetInfo` directly: `dataset_info_from_configs` looks for metadata files next to the
         # builder's source, which these builders do not have.
-        return tfds.core.DatasetInfo(
+        return _LocalInfo(
             builder=self,
             description=self.DESCRIPTION,
             features=tfds.features.FeaturesDict(features),
