@@ -48,8 +48,9 @@ VARIANTS = {
         "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot,-reduce",
         {},
     ),
-    # XLA:CPU's legacy elemental emitters for loop fusions instead of the MLIR fusion emitters:
-    # about a third less compile time for the tiny test configs (bench/RESULTS.md).
+    # XLA:CPU's legacy emitters for loop fusions instead of its MLIR fusion emitters. On the
+    # Xeon: 35% less compile time for the tests' tiniest train step, but 60% more for the default
+    # config's and a 2-3% slower step (bench/RESULTS.md), so not a jvdm default.
     "fusion_emitters_off": ("--xla_cpu_use_fusion_emitters=false", {}),
     "concurrency_scheduler": ("--xla_cpu_enable_concurrency_optimized_scheduler=true", {}),
     # jvdm's XLA flag without its host-memory and dispatch defaults (jvdm/_xla_defaults.py).

@@ -10,6 +10,9 @@ compared with them, and with a Monte Carlo run of the model's own estimator, wit
 standard errors.
 """
 
+import dataclasses
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,10 +71,14 @@ def _moments(x, n=20001):
     return u, g * mean, g**2 * second
 
 
-def _exact(x, density):
+def _exact(x, density, weight=None):
     """``(L [B], V [B])`` in bpd and bpd^2 for examples ``x`` and a density ``q(u)`` (a NumPy
-    function of ``u``), by the trapezoidal rule."""
+    function of ``u``), by the trapezoidal rule; with ``weight`` (a function of ``u``), those of
+    the weighted term ``w g``."""
     u, m1, m2 = _moments(x)
+    if weight is not None:
+        w = weight(u)
+        m1, m2 = m1 * w, m2 * w**2
     L = np.trapezoid(m1, u, axis=1)
     return L, np.trapezoid(m2 / density(u), u, axis=1) - L**2
 
@@ -139,6 +146,87 @@ def test_variances_match_their_closed_forms(repeated, name):
     per_row = np.asarray(repeated["out"].diffusion_bpd, np.float64).reshape(EXAMPLES, REPEATS)
     l_se = per_row.std(1, ddof=1) / np.sqrt(REPEATS)
     assert np.all(np.abs(per_row.mean(1) - exact_l) < 4 * l_se)
+
+
+SIGMOID_SCALE, SIGMOID_BIAS = 3.0, 2.0  # the default experiment's elbo_sigmoid weighting
+
+
+def _elbo_sigmoid(u):
+    """``w = 1 + c sigmoid(b - lambda)`` at ``lambda = -gamma(u)``, in float64."""
+    lam = -(G_MIN + u * DELTA)
+    return 1.0 + SIGMOID_SCALE / (1.0 + np.exp(-(SIGMOID_BIAS - lam)))
+
+
+def test_objective_variance_is_that_of_the_weighted_term(repeated):
+    """For a model trained on ``elbo_sigmoid``, ``objective=True`` measures the weighted term
+    ``w g`` (what its schedule's interior is trained on): its mean and its variance under the
+    linear and cosine densities against the float64 closed forms with ``w``, within 4 standard
+    errors of the mean of 500 estimates; the same points with ``objective=False`` still give the
+    ELBO's values, those of the unweighted model (the weighting changes no draw; to float32
+    rounding, as the fixture's are from the one fused program of ``per_example``)."""
+    params = repeated["params"]
+    weighted = params.replace(
+        model=dataclasses.replace(
+            params.model,
+            weighting="elbo_sigmoid",
+            sigmoid_scale=SIGMOID_SCALE,
+            sigmoid_bias=SIGMOID_BIAS,
+        )
+    )
+    rows = jnp.repeat(repeated["x"], REPEATS, axis=0)
+    pts = jax.jit(loss_variance.points, static_argnames="grid")(
+        weighted, rows, jax.random.key(2), histogram=_histogram()
+    )
+    combine = jax.jit(loss_variance.combine, static_argnames="objective")
+    elbo, objective = combine(pts), combine(pts, objective=True)
+    for name, ref in repeated["out"].variance.items():
+        np.testing.assert_allclose(elbo.variance[name], ref, rtol=1e-6, err_msg=name)
+    reshape = lambda v: np.asarray(v, np.float64).reshape(EXAMPLES, REPEATS)
+    stats = lambda v: (reshape(v).mean(1), reshape(v).std(1, ddof=1) / np.sqrt(REPEATS))
+    for name, density in (("linear", np.ones_like), ("cosine", _cosine)):
+        exact_l, exact_v = _exact(repeated["x"], density, _elbo_sigmoid)
+        mean, se = stats(objective.variance[name])
+        print(f"{name}: weighted estimate {mean} +- {se}, exact {exact_v}")
+        assert np.all(np.abs(mean - exact_v) < 4 * se) and np.all(se < 0.05 * exact_v)
+    mean, se = stats(objective.diffusion_bpd)
+    assert np.all(np.abs(mean - exact_l) < 4 * se)
+    # w > 1 everywhere (1 to 4 here), so the weighted term is above the ELBO's.
+    assert np.all(mean - 4 * se > _exact(repeated["x"], np.ones_like)[0])
+
+
+def test_variance_record_adds_the_objective_for_a_weighted_model(key):
+    """``train_log.variance_record``: ``variance/*`` alone for a model trained on the ELBO;
+    ``objective_variance/*`` beside it, from the same evaluations, for a weighted one."""
+    params = _params(gamma_lib.FixedLinearGamma(gamma_min=G_MIN, gamma_max=G_MAX))
+    images = np.asarray(jax.random.randint(key, (4, *SHAPE), 0, 256), np.uint8)
+    names = [k for k in loss_variance.DENSITIES if k != "adaptive"] + ["diffusion_bpd"]
+    plain = train_log.variance_record(params, images, jax.random.key(8), grid=16)
+    assert set(plain) == {f"variance/{k}" for k in names}
+    weighted = params.replace(
+        model=dataclasses.replace(params.model, weighting="sigmoid", sigmoid_bias=SIGMOID_BIAS)
+    )
+    both = train_log.variance_record(weighted, images, jax.random.key(8), grid=16)
+    assert set(both) == set(plain) | {f"objective_variance/{k}" for k in names}
+    assert all(both[k] == plain[k] for k in plain)
+    # sigmoid(b - lambda) < 1 everywhere: the weighted term is below the ELBO's.
+    assert both["objective_variance/diffusion_bpd"] < plain["variance/diffusion_bpd"]
+
+
+def test_the_plot_draws_both_the_elbo_and_the_objective(tmp_path):
+    """``loss_variance.png`` of a weighted run: both families of series, read from the metrics
+    file the trainer writes (a file without any gives an empty, labelled plot)."""
+    from jvdm import viz
+
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [
+        {"step": s, "variance/linear": 0.7 / s, "objective_variance/linear": 3.0 / s}
+        for s in (1, 2, 3)
+    ]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("both.png", "none.png"):
+        out = viz.plot_loss_variance(metrics, tmp_path / name)
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        metrics.write_text(json.dumps({"step": 1, "train/bpd": 1.0}) + "\n")
 
 
 def test_optimal_density_has_the_lowest_variance(repeated):

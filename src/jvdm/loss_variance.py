@@ -53,10 +53,17 @@ Densities (values of ``q`` at the points; every one integrates to 1 over ``[0, 1
 
 What is measured: the ELBO's estimator (``w = 1``) in continuous time, whatever the model's
 training weighting or ``T`` (evaluation always reports the ELBO; for a discrete-time model this is
-the ``T -> infinity`` bound of its denoiser), in bits per dimension (variances in bpd^2). These are
-variances of the one-sample, unstratified estimator of one example. The batch's antithetic times
-do not change them (each example's ``t`` is still uniform); they lower only the variance of the
-batch mean, through correlations between examples that are not measured here.
+the ``T -> infinity`` bound of its denoiser), in bits per dimension (variances in bpd^2). With
+``objective=True``, the estimator of the training objective's weighted diffusion term instead
+(:mod:`jvdm.weighting`, VDM++ eq. 7): ``g`` times the model's weighting ``w(lambda)``,
+``lambda = -gamma``, at the same points. That is the variance the learned schedule's interior is
+trained to lower (the variance gradient of a run that trains on a weighting differentiates the
+weighted estimate, :mod:`jvdm.objective`), so for such a run the ELBO's variance alone says little
+about the schedule.
+
+These are variances of the one-sample, unstratified estimator of one example. The batch's
+antithetic times do not change them (each example's ``t`` is still uniform); they lower only the
+variance of the batch mean, through correlations between examples that are not measured here.
 
 References: Kingma et al., *Variational Diffusion Models* (arXiv 2107.00630) eq. 17 and appendix
 I.2; Kingma & Gao 2023 (arXiv 2303.00848) section 5; Nichol & Dhariwal (arXiv 2102.09672).
@@ -71,7 +78,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jvdm import losses, noise_sampling, validate
+from jvdm import losses, noise_sampling, validate, weighting
 from jvdm import model as model_lib
 from jvdm.errors import JvdmUserError
 from jvdm.nn import gamma as gamma_lib
@@ -99,10 +106,13 @@ class Points(NamedTuple):
       g: ``[B, 2, K]`` ``g(u) = Delta 0.5 ||eps - eps_hat||^2`` in bpd at ``u = (k + r_l) / K``.
       density: ``{name: [B, 2, K]}`` each density's ``q(u)`` at the same points (not the optimal
         one, which depends on the whole batch: :func:`combine`).
+      weight: ``[B, 2, K]`` the model's training weighting ``w(lambda)`` at the same points (1
+        for the ELBO).
     """
 
     g: jax.Array
     density: dict[str, jax.Array]
+    weight: jax.Array
 
 
 class LossVariance(NamedTuple):
@@ -195,7 +205,15 @@ def points(params: model_lib.VDMParams, images, key, *, grid: int = DEFAULT_GRID
 
     g = jnp.moveaxis(jax.lax.map(at, jnp.arange(bins)), 0, -1)  # [B, 2, K]
     u = (jnp.arange(bins, dtype=jnp.float32)[None, None, :] + shifts[:, :, None]) / bins
-    return Points(g, _densities(params, g_0 + u * delta, (g_0, g_1), histogram))
+    gamma = g_0 + u * delta
+    trained = params.model  # its weighting (model above is the ELBO's estimator)
+    weight = weighting.diffusion_weight(
+        -gamma,
+        weighting=trained.weighting,
+        sigmoid_bias=trained.sigmoid_bias,
+        sigmoid_scale=trained.sigmoid_scale,
+    )
+    return Points(g, _densities(params, gamma, (g_0, g_1), histogram), weight.astype(g.dtype))
 
 
 def _optimal_density(g2: jax.Array) -> jax.Array:
@@ -205,16 +223,17 @@ def _optimal_density(g2: jax.Array) -> jax.Array:
     return jnp.where(total > 0, root / jnp.where(total > 0, total, 1.0), 1.0)
 
 
-def combine(pts: Points) -> LossVariance:
-    """Per-example ``L`` and variances from :class:`Points` (jittable). Only ``"optimal"`` mixes
-    the examples (its density is fitted to the batch).
+def combine(pts: Points, *, objective: bool = False) -> LossVariance:
+    """Per-example ``L`` and variances from :class:`Points` (jittable; ``objective`` static). Only
+    ``"optimal"`` mixes the examples (its density is fitted to the batch). ``objective=True``:
+    those of the training objective's weighted diffusion term, ``w g`` (the module's docstring).
 
     ``V = mean(g^2 / q) - L_0 L_1`` (lattice means ``L_l``) is computed without its terms of size
     ``L^2``, which cancel to float32 rounding when ``V << L^2``: with each lattice's ``g`` centred
     on the other's mean, ``mean((g - L_other q)^2 / q) - (L_0 - L_1)^2 / 2``, less
     ``L_other^2 (mean_l(q) - 1) / 2`` per lattice, is the same estimator in exact arithmetic.
     """
-    g = pts.g
+    g = pts.g * pts.weight if objective else pts.g
     means = jnp.mean(g, axis=-1)  # [B, 2]: one unbiased estimate of L per lattice
     other = means[:, ::-1]
     spread = 0.5 * jnp.square(means[:, 0] - means[:, 1])
@@ -233,20 +252,29 @@ def combine(pts: Points) -> LossVariance:
 
 
 def per_example(
-    params: model_lib.VDMParams, images, key, *, grid: int = DEFAULT_GRID, histogram=None
+    params: model_lib.VDMParams,
+    images,
+    key,
+    *,
+    grid: int = DEFAULT_GRID,
+    histogram=None,
+    objective: bool = False,
 ) -> LossVariance:
     """Per-example diffusion term and its estimator's variance under each density (pure,
     jittable with ``grid`` static).
 
     Args:
-      params: the model's parameters (any schedule; any weighting: the ELBO is measured).
+      params: the model's parameters (any schedule; any weighting: the ELBO is measured unless
+        ``objective``).
       images: uint8 ``[B, H, W, C]``, or float data ``[B, H, W, C]`` in model space.
       key: randomness of the levels' shifts and of ``eps``.
       grid: noise levels per example (even, >= 2): ``B * grid`` denoiser evaluations.
       histogram: ``[2, K_h]`` a loss histogram (:mod:`jvdm.noise_sampling`), for ``"adaptive"``.
+      objective: measure the training objective's weighted diffusion term instead of the ELBO's
+        (static; the same for a model trained on the ELBO).
 
     Returns:
       :class:`LossVariance`, in bpd and bpd^2, with the densities of :data:`DENSITIES`
       (``"adaptive"`` only with a histogram).
     """
-    return combine(points(params, images, key, grid=grid, histogram=histogram))
+    return combine(points(params, images, key, grid=grid, histogram=histogram), objective=objective)

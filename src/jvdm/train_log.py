@@ -265,12 +265,13 @@ def _variance_images(spec: VarianceSpec) -> np.ndarray:
 
 
 _points = jax.jit(loss_variance.points, static_argnames=("grid",))
-_combine = jax.jit(loss_variance.combine)
+_combine = jax.jit(loss_variance.combine, static_argnames=("objective",))
 
 
-def measure(params, images: np.ndarray, key, *, grid: int, histogram=None):
+def measure(params, images: np.ndarray, key, *, grid: int, histogram=None, objective=False):
     """:func:`jvdm.loss_variance.per_example` of host images on this process's devices, as NumPy
-    arrays (a :class:`jvdm.loss_variance.LossVariance`).
+    arrays (a :class:`jvdm.loss_variance.LossVariance`); ``objective=(False, True)`` gives a
+    tuple of both, the ELBO's and the training objective's, from one set of evaluations.
 
     The examples are sharded over the local devices (padded to a multiple of their number, the
     padding dropped: each row's values do not depend on the others), the parameters, histogram
@@ -291,25 +292,42 @@ def measure(params, images: np.ndarray, key, *, grid: int, histogram=None):
     params, histogram, key = jax.device_put((params, histogram, key), place)
     pts = jax.device_get(_points(params, images, key, grid=grid, histogram=histogram))
     pts = jax.tree.map(lambda v: v[:n], pts)
-    return jax.tree.map(np.asarray, jax.device_get(_combine(pts)))
+    host = lambda tree: jax.tree.map(np.asarray, jax.device_get(tree))
+    if isinstance(objective, tuple):
+        return tuple(host(_combine(pts, objective=bool(o))) for o in objective)
+    return host(_combine(pts, objective=bool(objective)))
+
+
+def variance_record(params, images: np.ndarray, key, *, grid: int, histogram=None):
+    """``variance/<density>`` (bpd^2), the mean over ``images`` of the per-example variance of
+    the ELBO's one-sample diffusion estimate, and ``variance/diffusion_bpd``, their mean diffusion
+    term; for a model trained on a weighting also ``objective_variance/<density>`` and
+    ``objective_variance/diffusion_bpd``, the same for the training objective's weighted term
+    (what the learned schedule's interior is trained on), from the same evaluations."""
+    weighted = params.model.weighting != "elbo"
+    results = measure(
+        params, images, key, grid=grid, histogram=histogram, objective=(False, True)[: 1 + weighted]
+    )
+    mean = lambda v: float(np.mean(np.asarray(v, np.float64)))
+    out = {}
+    for prefix, result in zip(("variance", "objective_variance"), results, strict=False):
+        names = [k for k in loss_variance.DENSITIES if k in result.variance]
+        out.update({f"{prefix}/{k}": mean(result.variance[k]) for k in names})
+        out[f"{prefix}/diffusion_bpd"] = mean(result.diffusion_bpd)
+    return out
 
 
 def measure_variance(spec: VarianceSpec, params, histogram, key, step: int) -> dict[str, float]:
-    """One measurement at ``step`` (key ``fold_in(key, step)``) on this process's devices:
-    ``variance/<density>``, the mean over the images of the per-example variance (bpd^2) of the
-    diffusion term's one-sample estimate (:mod:`jvdm.loss_variance`; ``adaptive`` with a
-    ``histogram``), and ``variance/diffusion_bpd``, their mean diffusion term."""
-    result = measure(
+    """One measurement at ``step`` (key ``fold_in(key, step)``) on this process's devices: the
+    :func:`variance_record` of the spec's images (:mod:`jvdm.loss_variance`; ``adaptive`` with a
+    ``histogram``)."""
+    return variance_record(
         params,
         _variance_images(spec),
         jax.random.fold_in(key, step),
         grid=spec.grid,
         histogram=histogram,
     )
-    mean = lambda v: float(np.mean(np.asarray(v, np.float64)))
-    names = [k for k in loss_variance.DENSITIES if k in result.variance]
-    out = {f"variance/{k}": mean(result.variance[k]) for k in names}
-    return {**out, "variance/diffusion_bpd": mean(result.diffusion_bpd)}
 
 
 def log_variance(spec: VarianceSpec, state, workdir: str, step: int, *, key, writer) -> str:

@@ -181,7 +181,8 @@ def plot_metrics(metrics_path: str | os.PathLike, path: str | os.PathLike) -> pa
 
 def plot_loss_variance(metrics_path: str | os.PathLike, path: str | os.PathLike) -> pathlib.Path:
     """Plots the logged ``variance/<density>`` series of a metrics JSONL file against the step, one
-    line per density of the noise level, on a log axis (:mod:`jvdm.loss_variance`).
+    line per density of the noise level, on a log axis (:mod:`jvdm.loss_variance`); a run trained
+    on a weighting also logs ``objective_variance/<density>``, drawn dashed beside the ELBO's.
 
     Non-positive values (an estimate's noise around a variance near zero) are left out of the log
     axis. A file without them gives an empty, labelled plot.
@@ -189,17 +190,23 @@ def plot_loss_variance(metrics_path: str | os.PathLike, path: str | os.PathLike)
     Raises:
       FileNotFoundError: no such metrics file.
     """
-    keep = lambda k: k.startswith("variance/") and k != "variance/diffusion_bpd"
+    prefixes = ("variance/", "objective_variance/")
+    keep = lambda k: k.startswith(prefixes) and not k.endswith("/diffusion_bpd")
     series = _read_series(metrics_path, keep)
+    weighted = any(name.startswith("objective_") for name in series)
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, (steps, values) in sorted(series.items()):
         points = [(s, v) for s, v in zip(steps, values, strict=True) if v > 0]
         if not points:
             continue
-        bound = name == "variance/optimal"
-        label = name.removeprefix("variance/") + (" (lower bound)" if bound else "")
-        ax.plot(*zip(*points, strict=True), "o:" if bound else "o-", label=label, markersize=3)
+        objective, density = name.startswith("objective_"), name.split("/", 1)[1]
+        bound = density == "optimal"
+        label = density + (" (lower bound)" if bound else "")
+        if weighted:
+            label = ("weighted objective: " if objective else "ELBO: ") + label
+        style = ("o--" if objective else "o-") if not bound else ("x:" if objective else "o:")
+        ax.plot(*zip(*points, strict=True), style, label=label, markersize=3)
     ax.set(xlabel="step", ylabel="per-example variance (bpd$^2$)", yscale="log")
     ax.set_title("variance of the one-sample diffusion-loss estimate")
     ax.grid(alpha=0.3, which="both")

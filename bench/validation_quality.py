@@ -1,0 +1,166 @@
+"""Sample quality on the validation slice, for choosing a config without the test split.
+
+Runs trained with ``data.train_split='train[:K]' data.eval_split='train[K:]'`` are compared here:
+for each run (its latest checkpoint, or ``RUN:STEP``) ``N`` samples are drawn with one key and
+scored in the dataset classifier's features (:mod:`jvdm.quality`) against the *validation* images
+``train[K:]``, never the test split. The floor is ``N`` images of ``train[:K]`` scored the same way.
+Each row also gives the share of exactly-zero pixels, the run's final validation bpd from its
+``metrics.jsonl`` and the config fields that the comparison is usually about. ``--raw`` scores the
+raw parameters beside the EMA ones (``jvdm.load`` gives the EMA).
+
+The classifier is the cached one for the dataset (trained on the whole training split, labels
+included, so it has seen the validation images' labels; it is a feature extractor, not a model
+being selected).
+
+Usage: ``python bench/validation_quality.py RUN[:STEP] [RUN ...] [--n 256] [--steps 50]
+[--sampler ancestral] [--split-at 4000] [--raw]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import _common  # noqa: E402
+
+
+def _params(workdir: pathlib.Path, step: str | None, item: str):
+    """The ``item`` (``ema_params`` or ``params``) of a run's checkpoint, with its config."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import orbax.checkpoint as ocp
+    from flax import serialization
+
+    from jvdm import build, run
+    from jvdm import model as model_lib
+
+    path = workdir / "checkpoints" / step if step else workdir
+    run_dir, step_dir = run.resolve_checkpoint(path)
+    config = run.load_config(run_dir)
+    model = build.from_config(config)
+    abstract = jax.eval_shape(lambda: model_lib.init(model, jax.random.key(0)))
+    target = serialization.to_state_dict(abstract)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    restored = ocp.PyTreeCheckpointer().restore(
+        run._item_dir(step_dir),
+        args=ocp.args.PyTreeRestore(
+            item={item: target}, restore_args={item: restore_args}, partial_restore=True
+        ),
+    )
+    params = serialization.from_state_dict(abstract, restored[item])
+    return jax.tree.map(jnp.asarray, params), config, int(step_dir.name)
+
+
+def _final_val_bpd(workdir: pathlib.Path) -> list[float] | None:
+    """The last ``eval/bpd_mean`` ± ``eval/bpd_sem`` the run logged."""
+    path = workdir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    last = None
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if "eval/bpd_mean" in rec:
+            last = [rec["eval/bpd_mean"], rec.get("eval/bpd_sem")]
+    return last
+
+
+class _Scorer:
+    """Quality metrics in the dataset classifier's features against ``train[split_at:]``."""
+
+    def __init__(self, dataset: str, data_dir, split_at: int):
+        from jvdm import data
+        from jvdm.quality_classifier import Recipe, get_classifier
+
+        self.dataset = dataset
+        self.clf = get_classifier(Recipe(dataset), data_dir)
+        train = data.load_split_array(dataset, "train", data_dir)
+        self.fit, val = train[:split_at], train[split_at:]
+        _, self.ref = self.clf.apply(val)
+
+    def __call__(self, images) -> dict:
+        import numpy as np
+
+        from jvdm import quality
+
+        logits, feats = self.clf.apply(images)
+        out = quality._metrics(logits, feats, self.ref, self.clf.module.num_classes)
+        return {**out, "zero_share": float(np.mean(images == 0))}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="RUN or RUN:STEP")
+    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--sampler", default="ancestral")
+    parser.add_argument("--split-at", type=int, default=4000)
+    parser.add_argument("--raw", action="store_true", help="also score the raw parameters")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    load_before = _common.loadavg()
+
+    import jax
+    import numpy as np
+
+    from jvdm import sampling
+
+    rows, scorer, floor = [], None, None
+    for spec in args.runs:
+        workdir, _, step = spec.partition(":")
+        workdir = pathlib.Path(workdir)
+        for item in ("ema_params", "params") if args.raw else ("ema_params",):
+            params, config, at = _params(workdir, step or None, item)
+            if scorer is None:
+                scorer = _Scorer(config.data.name, config.data.data_dir, args.split_at)
+                pick = np.random.default_rng(0).choice(len(scorer.fit), args.n, replace=False)
+                floor = scorer(scorer.fit[pick])
+            elif config.data.name != scorer.dataset:
+                raise SystemExit(f"{spec}: dataset {config.data.name!r}, not {scorer.dataset!r}")
+            start = time.perf_counter()
+            images = sampling.sample(
+                params, jax.random.key(1), args.n, steps=args.steps, sampler=args.sampler
+            )
+            m = config.model
+            rows.append(
+                {
+                    "run": str(workdir),
+                    "step": at,
+                    "params": item,
+                    "seconds": time.perf_counter() - start,
+                    "final_val_bpd": _final_val_bpd(workdir),
+                    "config": {
+                        "prediction": m.prediction,
+                        "weighting": m.weighting,
+                        "sigmoid_scale": m.sigmoid_scale,
+                        "sigmoid_bias": m.sigmoid_bias,
+                        "fourier": [m.fourier_min, m.fourier_max],
+                        "train_split": config.data.train_split,
+                        "eval_split": config.data.eval_split,
+                        "steps": config.train.steps,
+                        "seed": config.train.seed,
+                    },
+                    **scorer(images),
+                }
+            )
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    result = {
+        "n": args.n,
+        "sampler": args.sampler,
+        "sample_steps": args.steps,
+        "reference": f"train[{args.split_at}:]",
+        "floor": {"images": f"{args.n} of train[:{args.split_at}]", **floor},
+        "rows": rows,
+    }
+    _common.emit("validation_quality", result, load_before=load_before, write=not args.no_write)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
