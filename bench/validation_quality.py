@@ -30,32 +30,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 import _common  # noqa: E402
 
 
-def _params(workdir: pathlib.Path, step: str | None, item: str):
-    """The ``item`` (``ema_params`` or ``params``) of a run's checkpoint, with its config."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import orbax.checkpoint as ocp
-    from flax import serialization
+def _params(path: pathlib.Path, raw: bool):
+    """The EMA (or raw) parameters of a run's checkpoint, its config and its step."""
+    from jvdm import run
 
-    from jvdm import build, run
-    from jvdm import model as model_lib
-
-    path = workdir / "checkpoints" / step if step else workdir
-    run_dir, step_dir = run.resolve_checkpoint(path)
-    config = run.load_config(run_dir)
-    model = build.from_config(config)
-    abstract = jax.eval_shape(lambda: model_lib.init(model, jax.random.key(0)))
-    target = serialization.to_state_dict(abstract)
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    restored = ocp.PyTreeCheckpointer().restore(
-        run._item_dir(step_dir),
-        args=ocp.args.PyTreeRestore(
-            item={item: target}, restore_args={item: restore_args}, partial_restore=True
-        ),
-    )
-    params = serialization.from_state_dict(abstract, restored[item])
-    return jax.tree.map(jnp.asarray, params), config, int(step_dir.name)
+    params, config = run.load_with_config(path, raw=raw)
+    return params, config, int(run.resolve_checkpoint(path)[1].name)
 
 
 def _final_val_bpd(workdir: pathlib.Path) -> list[float] | None:
@@ -115,8 +95,9 @@ def main() -> int:
     for spec in args.runs:
         workdir, _, step = spec.partition(":")
         workdir = pathlib.Path(workdir)
-        for item in ("ema_params", "params") if args.raw else ("ema_params",):
-            params, config, at = _params(workdir, step or None, item)
+        path = workdir / "checkpoints" / step if step else workdir
+        for raw in (False, True) if args.raw else (False,):
+            params, config, at = _params(path, raw)
             if scorer is None:
                 scorer = _Scorer(config.data.name, config.data.data_dir, args.split_at)
                 pick = np.random.default_rng(0).choice(len(scorer.fit), args.n, replace=False)
@@ -132,7 +113,7 @@ def main() -> int:
                 {
                     "run": str(workdir),
                     "step": at,
-                    "params": item,
+                    "params": "params" if raw else "ema_params",
                     "seconds": time.perf_counter() - start,
                     "final_val_bpd": _final_val_bpd(workdir),
                     "config": {

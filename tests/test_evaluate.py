@@ -225,6 +225,16 @@ def test_load_restores_the_latest_ema_parameters(run_dir):
     jax.tree.map(np.testing.assert_array_equal, older, states[2].ema_params)
 
 
+def test_load_with_config_gives_the_raw_parameters_on_request(run_dir):
+    """``raw=True``: the same checkpoint's raw parameters (which differ from their EMA here)."""
+    workdir, states = run_dir
+    params, config = run_lib.load_with_config(workdir, raw=True)
+    assert params.model == build.from_config(config)
+    jax.tree.map(np.testing.assert_array_equal, params, states[4].params)
+    ema, _ = run_lib.load_with_config(workdir / "checkpoints" / "2")
+    jax.tree.map(np.testing.assert_array_equal, ema, states[2].ema_params)
+
+
 def test_checkpoint_steps_and_the_saved_loss_histogram(run_dir, tmp_path):
     workdir, states = run_dir
     assert run_lib.checkpoint_steps(workdir) == sorted(states)

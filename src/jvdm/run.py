@@ -140,7 +140,10 @@ def _item_dir(step_dir: pathlib.Path) -> pathlib.Path:
     )
 
 
-def _restore_ema(step_dir: pathlib.Path, model: model_lib.VDM) -> model_lib.VDMParams:
+def _restore_params(
+    step_dir: pathlib.Path, model: model_lib.VDM, item: str = "ema_params"
+) -> model_lib.VDMParams:
+    """One parameter tree of a saved ``TrainState``: ``ema_params`` or the raw ``params``."""
     import orbax.checkpoint as ocp
     from flax import serialization
 
@@ -148,17 +151,14 @@ def _restore_ema(step_dir: pathlib.Path, model: model_lib.VDM) -> model_lib.VDMP
     target = serialization.to_state_dict(abstract)
     # Host NumPy arrays: independent of the device layout the run was saved from.
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    item = _item_dir(step_dir)
     restored = ocp.PyTreeCheckpointer().restore(
-        item,
+        _item_dir(step_dir),
         args=ocp.args.PyTreeRestore(
-            item={"ema_params": target},
-            restore_args={"ema_params": restore_args},
-            partial_restore=True,
+            item={item: target}, restore_args={item: restore_args}, partial_restore=True
         ),
     )
-    ema = serialization.from_state_dict(abstract, restored["ema_params"])
-    return jax.tree.map(jnp.asarray, ema)
+    params = serialization.from_state_dict(abstract, restored[item])
+    return jax.tree.map(jnp.asarray, params)
 
 
 def _verified(path, step_dir: pathlib.Path) -> pathlib.Path:
@@ -224,8 +224,9 @@ def load_loss_histogram(path: str | os.PathLike) -> jax.Array:
     return jnp.asarray(restored["loss_histogram"])
 
 
-def load_with_config(path: str | os.PathLike):
-    """``(params, config)``: :func:`load`'s parameters and the run's experiment config."""
+def load_with_config(path: str | os.PathLike, *, raw: bool = False):
+    """``(params, config)``: :func:`load`'s parameters and the run's experiment config; with
+    ``raw=True`` the raw parameters of the same checkpoint instead of their EMA."""
     from jvdm import integrity
 
     workdir, step_dir = resolve_checkpoint(path)
@@ -233,7 +234,7 @@ def load_with_config(path: str | os.PathLike):
     config = load_config(workdir)
     model = build.from_config(config)
     try:
-        return _restore_ema(step_dir, model), config
+        return _restore_params(step_dir, model, "params" if raw else "ema_params"), config
     except (OSError, ValueError) as err:  # a damaged checkpoint that has no checksum
         raise integrity.CorruptCheckpointError(
             f"checkpoint {step_dir} cannot be read: {' '.join(str(err).split())[:300]}"

@@ -268,10 +268,8 @@ _points = jax.jit(loss_variance.points, static_argnames=("grid",))
 _combine = jax.jit(loss_variance.combine, static_argnames=("objective",))
 
 
-def measure(params, images: np.ndarray, key, *, grid: int, histogram=None, objective=False):
-    """:func:`jvdm.loss_variance.per_example` of host images on this process's devices, as NumPy
-    arrays (a :class:`jvdm.loss_variance.LossVariance`); ``objective=(False, True)`` gives a
-    tuple of both, the ELBO's and the training objective's, from one set of evaluations.
+def _host_points(params, images: np.ndarray, key, *, grid: int, histogram=None):
+    """:func:`jvdm.loss_variance.points` of host images on this process's devices, on the host.
 
     The examples are sharded over the local devices (padded to a multiple of their number, the
     padding dropped: each row's values do not depend on the others), the parameters, histogram
@@ -291,11 +289,18 @@ def measure(params, images: np.ndarray, key, *, grid: int, histogram=None, objec
         images = jax.device_put(images, sharding)
     params, histogram, key = jax.device_put((params, histogram, key), place)
     pts = jax.device_get(_points(params, images, key, grid=grid, histogram=histogram))
-    pts = jax.tree.map(lambda v: v[:n], pts)
-    host = lambda tree: jax.tree.map(np.asarray, jax.device_get(tree))
-    if isinstance(objective, tuple):
-        return tuple(host(_combine(pts, objective=bool(o))) for o in objective)
-    return host(_combine(pts, objective=bool(objective)))
+    return jax.tree.map(lambda v: v[:n], pts)
+
+
+def _combined(pts, objective: bool = False):
+    return jax.tree.map(np.asarray, jax.device_get(_combine(pts, objective=objective)))
+
+
+def measure(params, images: np.ndarray, key, *, grid: int, histogram=None):
+    """:func:`jvdm.loss_variance.per_example` of host images on this process's devices, as NumPy
+    arrays (a :class:`jvdm.loss_variance.LossVariance`); see :func:`_host_points` for the
+    layout."""
+    return _combined(_host_points(params, images, key, grid=grid, histogram=histogram))
 
 
 def variance_record(params, images: np.ndarray, key, *, grid: int, histogram=None):
@@ -304,13 +309,13 @@ def variance_record(params, images: np.ndarray, key, *, grid: int, histogram=Non
     term; for a model trained on a weighting also ``objective_variance/<density>`` and
     ``objective_variance/diffusion_bpd``, the same for the training objective's weighted term
     (what the learned schedule's interior is trained on), from the same evaluations."""
-    weighted = params.model.weighting != "elbo"
-    results = measure(
-        params, images, key, grid=grid, histogram=histogram, objective=(False, True)[: 1 + weighted]
-    )
+    pts = _host_points(params, images, key, grid=grid, histogram=histogram)
+    results = {"variance": _combined(pts)}
+    if params.model.weighting != "elbo":
+        results["objective_variance"] = _combined(pts, objective=True)
     mean = lambda v: float(np.mean(np.asarray(v, np.float64)))
     out = {}
-    for prefix, result in zip(("variance", "objective_variance"), results, strict=False):
+    for prefix, result in results.items():
         names = [k for k in loss_variance.DENSITIES if k in result.variance]
         out.update({f"{prefix}/{k}": mean(result.variance[k]) for k in names})
         out[f"{prefix}/diffusion_bpd"] = mean(result.diffusion_bpd)
