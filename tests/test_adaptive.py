@@ -233,6 +233,7 @@ def test_histogram_resumes_bit_exactly_and_is_the_same_on_one_and_four_devices(t
         (["model.histogram_uniform_fraction=0.0"], r"histogram_uniform_fraction=0\.0"),
         (["model.histogram_decay=1.0"], r"model\.histogram_decay=1\.0"),
         (["model.weighting=elbo_sigmoid", "model.sigmoid_scale=0.0"], r"model\.sigmoid_scale=0\.0"),
+        (["gamma.variance_gradient=score"], r"gamma\.variance_gradient='score' is invalid: one of"),
     ],
 )
 def test_objective_fields_are_validated_with_user_errors(overrides, match):

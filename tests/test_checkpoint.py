@@ -157,13 +157,16 @@ def test_every_architecture_field_exists_in_the_config():
 
 def test_a_run_saved_before_a_field_existed_loads_as_it_was_trained(tmp_path):
     """Runs saved before ``model.fourier_min`` / ``fourier_max`` existed used VDM's 6, 8: they
-    load as that network, and resuming one with today's default names the difference."""
+    load as that network, and resuming one with today's default names the difference. Runs saved
+    before ``gamma.variance_gradient`` existed trained their schedule with the pathwise estimator:
+    they load saying so, and may resume with another (it is not part of the architecture)."""
     workdir = str(tmp_path)
     run_config.save_config(tiny(), workdir)
     path = os.path.join(workdir, "config.json")
     with open(path) as f:
         saved = json.load(f)
     del saved["model"]["fourier_min"], saved["model"]["fourier_max"]
+    del saved["gamma"]["variance_gradient"]
     with open(path, "w") as f:
         json.dump(saved, f)
     loaded = run_lib.load_config(workdir)
@@ -171,4 +174,10 @@ def test_a_run_saved_before_a_field_existed_loads_as_it_was_trained(tmp_path):
     assert (tiny().model.fourier_min, tiny().model.fourier_max) == (0, 8)
     with pytest.raises(ValueError, match="model.fourier_min: saved 6, requested 0"):
         run_config.check_config(tiny(), workdir)
-    assert run_config.check_config(tiny("model.fourier_min=6"), workdir) == {}
+    assert loaded.gamma.variance_gradient == "pathwise"
+    assert tiny().gamma.variance_gradient == "density"
+    assert run_config.check_config(tiny("model.fourier_min=6"), workdir) == {
+        "gamma.variance_gradient": ("pathwise", "density")
+    }
+    resumed = tiny("model.fourier_min=6", "gamma.variance_gradient=pathwise")
+    assert run_config.check_config(resumed, workdir) == {}

@@ -57,6 +57,7 @@ def from_config(config) -> VDM:
         prediction=m.prediction,
         use_antithetic_time=m.use_antithetic_time,
         use_variance_gradient=g.use_variance_gradient,
+        variance_gradient=g.variance_gradient,
         weighting=m.weighting,
         sigmoid_bias=m.sigmoid_bias,
         sigmoid_scale=m.sigmoid_scale,

@@ -22,7 +22,7 @@ from ml_collections import config_dict
 
 from jvdm import validate as checks
 from jvdm.errors import JvdmUserError
-from jvdm.validate import NOISE_SAMPLINGS, PREDICTIONS, WEIGHTINGS
+from jvdm.validate import NOISE_SAMPLINGS, PREDICTIONS, VARIANCE_GRADIENTS, WEIGHTINGS
 
 SCHEDULES = ("learned", "linear", "cosine", "ddpm")
 
@@ -88,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.gamma.hidden = 1024
     # Train the schedule's interior on the variance of the loss (VDM appendix I.2).
     c.gamma.use_variance_gradient = True
+    # Its estimator: "density" (through the density of the noise level, no derivative of the
+    # denoiser: the quiet one, see jvdm.objective) or "pathwise" (VDM's, through the loss itself).
+    c.gamma.variance_gradient = "density"
     # Learning-rate multipliers of the learned schedule's end points (gamma_min, gamma_max: they
     # set the bound) and of its interior (its shape: trained on the variance; 0 freezes it).
     c.gamma.endpoint_lr_scale = 1.0
@@ -225,6 +228,12 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(g.schedule in SCHEDULES, "gamma.schedule", g.schedule, f"one of {SCHEDULES}")
     checks.check_gamma_order(g.gamma_min, g.gamma_max, "config.gamma.")
     need(g.hidden > 0, "gamma.hidden", g.hidden, "must be positive")
+    need(
+        g.variance_gradient in VARIANCE_GRADIENTS,
+        "gamma.variance_gradient",
+        g.variance_gradient,
+        f"one of {VARIANCE_GRADIENTS}",
+    )
     for name in ("endpoint_lr_scale", "interior_lr_scale"):
         scale = g[name]
         need(0.0 <= scale < float("inf"), f"gamma.{name}", scale, "must be finite and >= 0")

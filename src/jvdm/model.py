@@ -38,7 +38,7 @@ from flax import struct
 
 from jvdm import losses, noise_sampling, validate, weighting
 from jvdm.nn import gamma as gamma_lib
-from jvdm.validate import NOISE_SAMPLINGS, PREDICTIONS
+from jvdm.validate import NOISE_SAMPLINGS, PREDICTIONS, VARIANCE_GRADIENTS
 
 ENDPOINT_NAMES = ("gamma_min", "gamma_max")
 
@@ -56,6 +56,9 @@ class VDM:
       vocab_size: number of pixel values (256 for 8-bit data).
       use_antithetic_time: stratify the batch's diffusion times (lower-variance estimate).
       use_variance_gradient: train the schedule's interior on the loss variance (continuous time).
+      variance_gradient: how that gradient is estimated (:mod:`jvdm.objective`): ``"density"``
+        (through the density of the noise level; no derivative of the denoiser) or
+        ``"pathwise"`` (VDM appendix I.2: through the loss at the drawn level).
       weighting: the training loss's weighting of noise levels, one of
         :data:`jvdm.weighting.WEIGHTINGS` (``"elbo"``: the bound itself).
       sigmoid_bias: ``b`` of the ``sigmoid`` weighting ``w = sigmoid(b - lambda)`` (and of
@@ -76,6 +79,7 @@ class VDM:
     vocab_size: int = 256
     use_antithetic_time: bool = True
     use_variance_gradient: bool = True
+    variance_gradient: str = "density"
     weighting: str = "elbo"
     sigmoid_bias: float = 2.0
     sigmoid_scale: float = 1.0
@@ -97,6 +101,11 @@ class VDM:
             )
         if not 0.0 < self.sigmoid_scale < math.inf:
             raise ValueError(f"sigmoid_scale={self.sigmoid_scale}; expected positive and finite")
+        if self.variance_gradient not in VARIANCE_GRADIENTS:
+            raise ValueError(
+                f"variance_gradient={self.variance_gradient!r}; expected one of "
+                f"{VARIANCE_GRADIENTS}"
+            )
         if self.noise_sampling not in NOISE_SAMPLINGS:
             raise ValueError(f"noise_sampling={self.noise_sampling!r}; one of {NOISE_SAMPLINGS}")
         if self.timesteps and (self.weighting != "elbo" or self.noise_sampling != "uniform_t"):

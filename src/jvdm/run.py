@@ -84,8 +84,13 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[pathlib.Path, pathlib.P
 
 
 # Config fields added after runs had been saved without them: (section, field) -> the value those
-# runs were trained with, where it differs from today's default (VDM's Fourier frequencies 6..7).
-LEGACY_FIELDS = {("model", "fourier_min"): 6, ("model", "fourier_max"): 8}
+# runs were trained with, where it differs from today's default (VDM's Fourier frequencies 6..7;
+# VDM's pathwise estimator of the schedule's variance gradient).
+LEGACY_FIELDS = {
+    ("model", "fourier_min"): 6,
+    ("model", "fourier_max"): 8,
+    ("gamma", "variance_gradient"): "pathwise",
+}
 
 
 def read_saved_config(workdir: str | os.PathLike) -> dict[str, Any] | None:

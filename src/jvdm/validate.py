@@ -9,7 +9,8 @@ The *names* that a config may choose from live here, the lowest layer, because t
 them without importing JAX; the modules that implement them import them from here. The samplers
 themselves (name, order, init, step) are one table in :mod:`jvdm.samplers`, which asserts that its
 keys are exactly :data:`SAMPLER_NAMES`; :mod:`jvdm.weighting` dispatches on :data:`WEIGHTINGS`, and
-:class:`jvdm.model.VDM` checks :data:`PREDICTIONS` and :data:`NOISE_SAMPLINGS`.
+:class:`jvdm.model.VDM` checks :data:`PREDICTIONS`, :data:`NOISE_SAMPLINGS` and
+:data:`VARIANCE_GRADIENTS`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "NOISE_SAMPLINGS",
     "PREDICTIONS",
     "SAMPLER_NAMES",
+    "VARIANCE_GRADIENTS",
     "WEIGHTINGS",
     "check_params",
     "check_gamma_order",
@@ -37,6 +39,8 @@ PREDICTIONS = ("eps", "x0", "v")  # what the denoiser outputs
 # w(lambda) of the training loss
 WEIGHTINGS = ("elbo", "sigmoid", "elbo_sigmoid", "edm", "edm_monotone", "v_mse")
 NOISE_SAMPLINGS = ("uniform_t", "adaptive")  # how training draws the noise levels
+# how the learned schedule's interior estimates the gradient of the loss variance
+VARIANCE_GRADIENTS = ("density", "pathwise")
 
 
 def positive_int(value, name: str, what: str = "") -> int:
