@@ -56,9 +56,14 @@ def images():
 @pytest.mark.parametrize(
     ("timesteps", "ks", "objective_overrides"),
     [
-        (0, (2, 4), ()),
-        (10, (2,), ()),
-        (0, (2,), ("model.weighting=sigmoid", "model.noise_sampling=adaptive")),
+        (0, (4,), ()),  # k = 2 in the slow tier's cases
+        pytest.param(10, (2,), (), marks=pytest.mark.slow),
+        pytest.param(
+            0,
+            (2,),
+            ("model.weighting=sigmoid", "model.noise_sampling=adaptive"),
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["continuous", "discrete", "adaptive_sigmoid"],
 )
@@ -90,6 +95,7 @@ def test_micro_batches_equal_the_whole_batch(images, timesteps, ks, objective_ov
         )
 
 
+@pytest.mark.slow  # the train step on 4 devices, twice
 def test_accumulated_train_step_matches_and_keeps_the_skip_logic(images):
     """On 4 devices (4 images each), two steps with k = 2 apply the same updates as k = 1; a
     poisoned state is skipped exactly as without accumulation."""
@@ -134,6 +140,7 @@ def test_grad_accum_must_divide_the_per_device_batch(tmp_path):
         config_lib.validate(tiny("train.grad_accum_steps=0"))
 
 
+@pytest.mark.slow  # three training runs
 def test_resume_mid_run_with_accumulation_is_bit_identical(tmp_path):
     """6 steps of k = 2 straight through vs stopped by SIGTERM after step 3 and resumed."""
     config = tiny(

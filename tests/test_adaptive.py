@@ -111,7 +111,7 @@ def test_histogram_update_is_an_ema_of_the_bin_means():
     np.testing.assert_allclose(hist, [[0.9 * 2 + 0.1 * 4, 10.0], [2.0, 1.0]], rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["elbo", "sigmoid"])
+@pytest.mark.parametrize("name", ["elbo", pytest.param("sigmoid", marks=pytest.mark.slow)])
 def test_adaptive_estimate_is_unbiased_and_has_lower_variance(name):
     """Monte Carlo means of the uniform-t and the adaptive estimators against the quadrature, each
     within 4 standard errors (12,800 examples each), and the ratio of their per-example variances.
@@ -183,6 +183,7 @@ def _train(state, batches, key):
     return state, metrics
 
 
+@pytest.mark.slow  # two more training runs
 def test_histogram_resumes_bit_exactly_and_is_the_same_on_one_and_four_devices(tmp_path):
     """6 adaptive, sigmoid-weighted steps straight through vs 3 steps, an orbax save and restore,
     3 more: every leaf of the state (the histogram included) bit-identical. On 1 device vs 4 the

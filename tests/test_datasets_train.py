@@ -33,7 +33,8 @@ def data_dir(tmp_path_factory):
 
 
 # Each case compiles its own train step (about 15 s on an idle 2-core CPU): every shape on 1 device
-# and on 4.
+# and on 4. All in the slow tier: the default tier trains on mnist_subset's shape in test_train.py.
+pytestmark = pytest.mark.slow
 CASES = [(name, n) for name in ("mnist", "cifar10", "imagenet64") for n in (1, 4)]
 
 

@@ -250,7 +250,11 @@ def test_optimal_density_has_the_lowest_variance(repeated):
     "schedule,name",
     [
         (gamma_lib.FixedLinearGamma(gamma_min=G_MIN, gamma_max=G_MAX), "linear"),
-        (gamma_lib.CosineGamma(gamma_min=G_MIN, gamma_max=G_MAX), "cosine"),
+        pytest.param(
+            gamma_lib.CosineGamma(gamma_min=G_MIN, gamma_max=G_MAX),
+            "cosine",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_the_model_schedule_density_is_the_named_one_for_fixed_schedules(schedule, name):
@@ -269,10 +273,13 @@ def test_the_model_schedule_density_is_the_named_one_for_fixed_schedules(schedul
         np.testing.assert_allclose(q, ref, rtol=2e-4)
     # Images as uint8 and as the same data in model space give the same values.
     x = losses.scale_pixels(images)
-    same = loss_variance.points(params, x, jax.random.key(6), grid=16)
+    same = jax.jit(loss_variance.points, static_argnames="grid")(
+        params, x, jax.random.key(6), grid=16
+    )
     np.testing.assert_allclose(same.g, pts.g, rtol=1e-6)
 
 
+@pytest.mark.slow  # a second route: 1 device against 4
 def test_measure_on_four_devices_is_the_one_device_result(key):
     """``train_log.measure`` pads 6 examples to 8, shards them over the 4 test devices and
     combines on the host: bit for bit what its two programs give on one device, unpadded (and the

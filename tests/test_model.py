@@ -112,7 +112,7 @@ def test_discrete_bound_matches_exact_sum_and_approaches_continuous():
     assert abs(mean - _discrete_expected_nats(T, lin)) < 4 * sem
 
 
-@pytest.mark.parametrize("timesteps", [0, 50])
+@pytest.mark.parametrize("timesteps", [0, pytest.param(50, marks=pytest.mark.slow)])
 def test_parameterisations_give_the_same_bound(timesteps):
     sched = gamma_lib.FixedLinearGamma(gamma_min=G_MIN, gamma_max=G_MAX)
     images = jax.random.randint(jax.random.key(6), (16, *SHAPE), 0, 256).astype(jnp.uint8)
@@ -253,8 +253,12 @@ def test_discrete_time_schedule_follows_the_bound():
     params = _params(sched, sp, timesteps=20)
     images = jax.random.randint(jax.random.key(16), (8, *SHAPE), 0, 256).astype(jnp.uint8)
     key = jax.random.key(17)
-    grads = objective.loss_and_grads(params, images, key, train=False).grads
-    elbo = jax.grad(lambda p: jnp.mean(model_lib.loss_terms(p, images, key)["bpd"]))(params)
+    grads = jax.jit(objective.loss_and_grads, static_argnames="train")(
+        params, images, key, train=False
+    ).grads
+    elbo = jax.jit(jax.grad(lambda p: jnp.mean(model_lib.loss_terms(p, images, key)["bpd"])))(
+        params
+    )
     for a, b in zip(
         jax.tree_util.tree_leaves(grads.schedule),
         jax.tree_util.tree_leaves(elbo.schedule),

@@ -22,6 +22,7 @@ import multiprocess_eval  # noqa: E402
 import processes  # noqa: E402
 
 
+@pytest.mark.slow  # two processes through jax.distributed
 @pytest.mark.multiprocess
 def test_two_processes_evaluate_sample_and_solve_the_ode_like_one():
     # The same LLVM optimisation as this process: level 0 would round differently (no vector

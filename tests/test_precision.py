@@ -64,6 +64,7 @@ def _train(config, steps):
     return jax.device_get(metrics), state
 
 
+@pytest.mark.slow  # two training runs of the tiny U-Net
 def test_bf16_keeps_the_bound_in_float32_and_trains_like_float32(images):
     """The bound's terms are float32 whatever the denoiser computes in; at init (same parameters,
     batch and noise) they agree with float32's to bf16 rounding, and a few dozen steps in bf16 end
@@ -93,6 +94,7 @@ def test_bf16_keeps_the_bound_in_float32_and_trains_like_float32(images):
     assert rel < TRAINED_REL_TOL
 
 
+@pytest.mark.slow  # the tiny U-Net's gradients compiled twice (test_unet checks remat's outputs)
 def test_remat_gives_bit_identical_gradients(images):
     plain = _params()
     remat = plain.replace(model=build.from_config(tiny("model.use_remat=True")))

@@ -33,6 +33,7 @@ def test_cpu_reports_no_limit():
     assert preflight.device_bytes_limit(jax.devices()[0]) is None
 
 
+@pytest.mark.slow  # a training run
 def test_a_step_that_cannot_fit_fails_before_the_first_step(tmp_path, monkeypatch, capsys):
     """With a device that says it holds 1 MiB, train() stops after compiling the step: one line
     naming grad_accum_steps, remat and bf16; no step run, no checkpoint; the costs are logged."""

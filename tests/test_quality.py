@@ -98,6 +98,7 @@ def _digits(tmp_path):
 FAST = dict(channels=(8, 16), features=16, steps=150)
 
 
+@pytest.mark.slow  # trains the classifier twice
 def test_classifier_is_cached_reused_and_retrained_when_its_recipe_changes(tmp_path, monkeypatch):
     data_dir = _digits(tmp_path)
     recipe = qc.Recipe("digits", **FAST)

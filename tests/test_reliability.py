@@ -130,6 +130,7 @@ def reference(tmp_path_factory, env):
 # 1 + 3. kill -9 at a random moment, a second trainer refused meanwhile, then a restart.
 
 
+@pytest.mark.slow  # trainers in subprocesses
 def test_kill9_then_restart_resumes_from_the_last_complete_checkpoint(reference, env, tmp_path):
     seed = int(os.environ.get("JVDM_KILL_SEED", time.time_ns() % 2**31))
     rng = random.Random(seed)
@@ -229,6 +230,7 @@ def damage(step_dir, kind):
         os.remove(os.path.join(step_dir, integrity.CHECKSUM_FILE))
 
 
+@pytest.mark.slow  # trainers in subprocesses
 @pytest.mark.parametrize("kind", ["flipped_bit", "truncated", "deleted_file", "no_checksum"])
 def test_a_bad_latest_checkpoint_falls_back_to_the_previous_good_one(reference, tmp_path, kind):
     workdir = str(tmp_path / "run")
@@ -344,6 +346,7 @@ def test_a_read_only_file_system_fails_before_training(tmpfs):
         train_lib.train_and_evaluate(tiny(), workdir)
 
 
+@pytest.mark.slow  # trainers in subprocesses
 def test_a_full_disk_stops_the_run_and_keeps_the_older_checkpoints(reference, env, tmpfs):
     # Room for the config, logs and three checkpoints of ~0.65 MB, not for a fourth.
     workdir = str(tmpfs("full", "size=2400k") / "run")

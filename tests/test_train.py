@@ -278,6 +278,7 @@ def test_train_step_is_traced_once(runs):
     assert runs["cached_after"] - runs["cached_before"] in expected
 
 
+@pytest.mark.slow  # a second route: 1 device against 4
 def test_one_device_matches_four_and_checkpoints_move_between_them(runs, tmp_path):
     """1 vs 4 devices after 20 steps. Measured: relative parameter gap 1.4e-4 to 1.7e-4, logged
     bpd within 4e-6 at every step, max |param difference| 1.3e-4 to 1.7e-4."""
@@ -307,6 +308,7 @@ def test_one_device_matches_four_and_checkpoints_move_between_them(runs, tmp_pat
             assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow  # two processes through jax.distributed
 @pytest.mark.multiprocess
 def test_two_processes_match_one(runs, tmp_path):
     """2 processes x 2 CPU devices (jax.distributed, gloo) vs 1 process x 4 devices: the same

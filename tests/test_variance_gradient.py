@@ -106,7 +106,8 @@ def problem():
 
 
 @pytest.mark.parametrize("weighting", ["elbo", "elbo_sigmoid"])
-@pytest.mark.parametrize("estimator", ["density", "pathwise"])
+# VDM's pathwise estimator is checked draw by draw in tests/test_model.py; here in the slow tier.
+@pytest.mark.parametrize("estimator", ["density", pytest.param("pathwise", marks=pytest.mark.slow)])
 def test_variance_gradient_is_the_derivative_of_the_closed_form(problem, estimator, weighting):
     """The interior's gradient from :func:`jvdm.objective.loss_and_grads`, projected on random
     directions and averaged over 40 (density) or 120 (pathwise) batches of 2,000 rows (4 examples
