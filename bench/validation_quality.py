@@ -13,7 +13,9 @@ included, so it has seen the validation images' labels; it is a feature extracto
 being selected).
 
 Usage: ``python bench/validation_quality.py RUN[:STEP] [RUN ...] [--n 256] [--steps 50]
-[--sampler ancestral] [--split-at 4000] [--raw]``.
+[--sampler ancestral] [--eta 1.0] [--split-at 4000] [--raw]``. ``--sampler ddim --eta 1`` is the
+ancestral chain on DDIM's grid (uniform in ``lambda``), not the ancestral sampler's (uniform in
+``t``, so shaped by a learned schedule's interior).
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sampler", default="ancestral")
+    parser.add_argument("--eta", type=float, help="DDIM's eta (1: ancestral on DDIM's grid)")
     parser.add_argument("--split-at", type=int, default=4000)
     parser.add_argument("--raw", action="store_true", help="also score the raw parameters")
     parser.add_argument("--no-write", action="store_true")
@@ -105,8 +108,9 @@ def main() -> int:
             elif config.data.name != scorer.dataset:
                 raise SystemExit(f"{spec}: dataset {config.data.name!r}, not {scorer.dataset!r}")
             start = time.perf_counter()
+            eta = {} if args.eta is None else {"eta": args.eta}
             images = sampling.sample(
-                params, jax.random.key(1), args.n, steps=args.steps, sampler=args.sampler
+                params, jax.random.key(1), args.n, steps=args.steps, sampler=args.sampler, **eta
             )
             m = config.model
             rows.append(
@@ -134,6 +138,7 @@ def main() -> int:
     result = {
         "n": args.n,
         "sampler": args.sampler,
+        "eta": args.eta,
         "sample_steps": args.steps,
         "reference": f"train[{args.split_at}:]",
         "floor": {"images": f"{args.n} of train[:{args.split_at}]", **floor},
