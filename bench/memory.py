@@ -60,7 +60,7 @@ def measure(name: str, chunk: int, eval_batch: int) -> dict:
     key = jax.eval_shape(lambda: jax.random.key(0))
     indices = jax.ShapeDtypeStruct((chunk,), jnp.uint32)
     eta = jax.ShapeDtypeStruct((), jnp.float32)
-    kw = dict(steps=2, sampler="ancestral", sharding=None)
+    kw = dict(steps=2, sampler="ancestral", grid="lambda", sharding=None)
     out = {"config": name, "image_shape": list(model.image_shape), "chunk": chunk}
     sample = sampling._sample_chunk.lower(params, key, indices, eta, decode=True, **kw)
     out["sample"] = _memory(sample.compile())

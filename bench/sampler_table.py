@@ -9,7 +9,9 @@ that ``N``) and for the test split. Optionally (``--ode-images M``) the ELBO and
 first ``M`` test images, with the probes, evaluations and seconds.
 
 Usage: ``python bench/sampler_table.py --workdir runs/learned_snr [--n 128]
-[--steps 10 20 50 100 250 1000] [--samplers ancestral ddim dpm_solver] [--ode-images 0]``.
+[--steps 10 20 50 100 250 1000] [--samplers ancestral ddim dpm_solver] [--grid lambda|time]
+[--ode-images 0]``; without ``--grid`` each sampler walks its default grid
+(:func:`jvdm.sampling.default_grid`).
 """
 
 from __future__ import annotations
@@ -33,17 +35,19 @@ def _pixel_checks(params, images, key) -> dict:
     return {"zero_share": float(np.mean(images == 0)), "elbo_bpd": float(np.mean(elbo))}
 
 
-def _row(params, clf_feats, n, sampler, steps, key, sample_key) -> dict:
+def _row(params, clf_feats, n, sampler, steps, key, sample_key, grid) -> dict:
     from jvdm import quality, sampling
 
+    grid = grid or sampling.default_grid(params.model, sampler)
     start = time.perf_counter()
-    images = sampling.sample(params, sample_key, n, steps=steps, sampler=sampler)
+    images = sampling.sample(params, sample_key, n, steps=steps, sampler=sampler, grid=grid)
     seconds = time.perf_counter() - start
     clf, ref = clf_feats
     _, feats = clf.apply(images)
     return {
         "sampler": sampler,
         "steps": steps,
+        "grid": grid,
         "seconds": seconds,
         "fd": quality.frechet_distance(feats, ref),
         "kid": quality.kernel_distance(feats, ref),
@@ -81,6 +85,7 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=128)
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100, 250, 1000])
     parser.add_argument("--samplers", nargs="+", default=["ancestral", "ddim", "dpm_solver"])
+    parser.add_argument("--grid", choices=["lambda", "time"], default=None)
     parser.add_argument("--ode-images", type=int, default=0)
     args = parser.parse_args()
     load_before = _common.loadavg()
@@ -105,10 +110,11 @@ def main() -> int:
         "kid": quality.kernel_distance(real_feats, ref),
         **_pixel_checks(params, real, key),
     }
-    rows = []
+    rows, sample_key = [], jax.random.key(1)
     for sampler in args.samplers:
         for steps in args.steps:
-            rows.append(_row(params, (clf, ref), args.n, sampler, steps, key, jax.random.key(1)))
+            row = _row(params, (clf, ref), args.n, sampler, steps, key, sample_key, args.grid)
+            rows.append(row)
             print(rows[-1], file=sys.stderr, flush=True)
     result = {
         "workdir": args.workdir,

@@ -13,14 +13,15 @@ included, so it has seen the validation images' labels; it is a feature extracto
 being selected).
 
 Usage: ``python bench/validation_quality.py RUN[:STEP] [RUN ...] [--n 256] [--steps 50]
-[--sampler ancestral] [--eta 1.0] [--split-at 4000] [--raw]``. ``--sampler ddim --eta 1`` is the
-ancestral chain on DDIM's grid (uniform in ``lambda``), not the ancestral sampler's (uniform in
-``t``, so shaped by a learned schedule's interior).
+[--sampler ancestral] [--eta 1.0] [--grids default lambda time] [--split-at 4000] [--raw]``.
+``--grids`` scores each run on each grid (``default`` is the sampler's own, :func:`jvdm.sampling.
+default_grid`); ``--sampler ddim --eta 1`` is the ancestral chain on the ``lambda`` grid.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import pathlib
@@ -82,7 +83,10 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sampler", default="ancestral")
-    parser.add_argument("--eta", type=float, help="DDIM's eta (1: ancestral on DDIM's grid)")
+    parser.add_argument("--eta", type=float, help="DDIM's eta (1: the ancestral chain)")
+    parser.add_argument(
+        "--grids", nargs="+", default=["default"], choices=["default", "lambda", "time"]
+    )
     parser.add_argument("--split-at", type=int, default=4000)
     parser.add_argument("--raw", action="store_true", help="also score the raw parameters")
     parser.add_argument("--no-write", action="store_true")
@@ -99,8 +103,10 @@ def main() -> int:
         workdir, _, step = spec.partition(":")
         workdir = pathlib.Path(workdir)
         path = workdir / "checkpoints" / step if step else workdir
-        for raw in (False, True) if args.raw else (False,):
+        for raw, grid in itertools.product((False, True) if args.raw else (False,), args.grids):
             params, config, at = _params(path, raw)
+            if grid == "default":
+                grid = sampling.default_grid(params.model, args.sampler)
             if scorer is None:
                 scorer = _Scorer(config.data.name, config.data.data_dir, args.split_at)
                 pick = np.random.default_rng(0).choice(len(scorer.fit), args.n, replace=False)
@@ -110,7 +116,13 @@ def main() -> int:
             start = time.perf_counter()
             eta = {} if args.eta is None else {"eta": args.eta}
             images = sampling.sample(
-                params, jax.random.key(1), args.n, steps=args.steps, sampler=args.sampler, **eta
+                params,
+                jax.random.key(1),
+                args.n,
+                steps=args.steps,
+                sampler=args.sampler,
+                grid=grid,
+                **eta,
             )
             m = config.model
             rows.append(
@@ -118,6 +130,7 @@ def main() -> int:
                     "run": str(workdir),
                     "step": at,
                     "params": "params" if raw else "ema_params",
+                    "grid": grid,
                     "seconds": time.perf_counter() - start,
                     "final_val_bpd": _final_val_bpd(workdir),
                     "config": {

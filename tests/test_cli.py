@@ -43,6 +43,7 @@ def test_data_prepare_unknown_dataset(capsys):
         (["modell.channels=16"], ["unknown config section 'modell'"]),
         (["--config.model.channels=sixteen"], ["model.channels"]),
         (["--config.model.dropout=2.0"], ["config.model.dropout=2.0 is invalid"]),
+        (["eval.sample_grid=log"], ["config.eval.sample_grid='log'", "time, lambda"]),
         (["--config.model.channels"], ["has no value", "--config.model.channels=VALUE"]),
         (["model.channels"], ["unrecognised argument 'model.channels'", "section.field=value"]),
     ],
@@ -132,6 +133,7 @@ def test_only_user_errors_are_one_line(tmp_path, monkeypatch, capsys, error, sta
         (["sample", "--workdir", "{tmp}", "--n", "0"], ["--n", "expected a positive integer"]),
         (["sample", "--workdir", "{tmp}", "--steps", "-2"], ["--steps", "positive integer"]),
         (["sample", "--workdir", "{tmp}", "--sampler", "euler"], ["euler", "dpm_solver"]),
+        (["sample", "--workdir", "{tmp}", "--grid", "log"], ["--grid='log'", "time, lambda"]),
         (["eval", "--workdir", "{tmp}/nope"], ["no run directory or checkpoint"]),
         (["eval", "--workdir", "{tmp}", "--draws", "0"], ["--draws", "positive integer"]),
         (["sample"], ["--workdir"]),
@@ -169,7 +171,8 @@ def test_sample_a_saved_run(tmp_path, capsys):
     # 8 images, 3 steps: the program test_sampling's tiny-model test uses (compiled once for both).
     argv = ["sample", "--workdir", str(tmp_path), "--n", "8", "--steps", "3", "--out", str(out)]
     assert cli.main(argv + ["--save-npy", str(tmp_path / "x.npy")]) == 0
-    assert json.loads(capsys.readouterr().out)["out"] == str(out)
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["out"] == str(out) and printed["grid"] == "lambda"
     from PIL import Image
 
     with Image.open(out) as picture:  # 3 x 3 grid of 8 x 8 digits with 2 pixels of padding

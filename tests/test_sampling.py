@@ -10,11 +10,13 @@ data's as the steps grow: for the converged settings (ancestral with 1000 steps,
 50) the samples match the data's moments within 4 standard errors directly.
 
 For reference, the exact discretisation biases of the variance on this problem (gamma in
-[-10, 12], S = 0.5): ancestral 1000 steps -1.1% (linear schedule; -3% on the steep learned one,
-whose uniform-t grid concentrates the change of gamma in a few steps), DDIM (eta = 0) 20 steps
--24%, 500 steps -1.1%, DPM-Solver++(2M) 20 steps +3.4%, 50 steps +0.6% (any schedule: the
-fast samplers' grid is uniform in lambda). DDIM is a first-order method; that it needs many
-steps here is a property of DDIM, not of this implementation.
+[-10, 12], S = 0.5), on the default grid, uniform in lambda, and so the same for every schedule
+with these end points: ancestral 50 / 250 / 1000 steps -19% / -4.3% / -1.1%, DDIM (eta = 0) 20
+steps -24%, 500 steps -1.1%, DPM-Solver++(2M) 20 steps +3.4%, 50 steps +0.6%. On the grid uniform
+in t the steep learned schedule concentrates the change of gamma in a few steps: ancestral -48% /
+-13% / -3.5% (test_the_lambda_grid_frees_ancestral_sampling_from_the_interior). DDIM is a
+first-order method; that it needs many steps here is a property of DDIM, not of this
+implementation.
 """
 
 import jax
@@ -116,23 +118,44 @@ def _assert_moments(z, mean, var, what):
 # Exactness on Gaussian data.
 
 FEW_STEP_CASES = [
-    ("linear", "ddim", 20, 0.0),
-    ("learned", "ancestral", 50, 0.0),
-    ("learned", "ddim", 20, 0.5),
-    ("learned", "dpm_solver", 10, 0.0),  # < 15 steps: first-order last step
+    ("linear", "ddim", 20, 0.0, None),
+    ("learned", "ancestral", 50, 0.0, None),
+    ("learned", "ancestral", 50, 0.0, "time"),
+    ("learned", "ddim", 20, 0.5, None),
+    ("learned", "dpm_solver", 10, 0.0, None),  # < 15 steps: first-order last step
+    ("learned", "dpm_solver", 10, 0.0, "time"),
 ]
 
 
-@pytest.mark.parametrize("schedule,sampler,steps,eta", FEW_STEP_CASES)
-def test_samplers_match_exact_moments_on_gaussian_data(schedule, sampler, steps, eta):
+@pytest.mark.parametrize("schedule,sampler,steps,eta,grid", FEW_STEP_CASES)
+def test_samplers_match_exact_moments_on_gaussian_data(schedule, sampler, steps, eta, grid):
     params = _gaussian_params(schedule)
-    _, grid = sampling.sampling_grid(params, steps, sampler)
+    _, gammas = sampling.sampling_grid(params, steps, sampler, grid=grid)
     z = sampling.sample_latents(
-        params, jax.random.key(1), N_IMAGES, steps=steps, sampler=sampler, eta=eta
+        params, jax.random.key(1), N_IMAGES, steps=steps, sampler=sampler, eta=eta, grid=grid
     )
     assert z.shape == (N_IMAGES, *SHAPE) and z.dtype == np.float32
-    mean, var = _exact_moments(sampler, grid, eta)
-    _assert_moments(z, mean, var, (schedule, sampler, steps, eta))
+    mean, var = _exact_moments(sampler, gammas, eta)
+    _assert_moments(z, mean, var, (schedule, sampler, steps, eta, grid))
+
+
+def test_the_lambda_grid_frees_ancestral_sampling_from_the_interior():
+    """Exact moments (no sampling): on the default lambda grid the ancestral chain's variance bias
+    on the steep learned schedule is the linear schedule's to 1e-6 (the grid depends on the end
+    points only, here float32), and 2.5 to 3.5 times smaller than on the grid uniform in t."""
+    linear, learned = _gaussian_params("linear"), _gaussian_params("learned")
+    _, data_var = _data_moments()
+    for steps in (50, 250, 1000):
+        bias = {}
+        for name, params, grid in [
+            ("linear", linear, None),
+            ("lambda", learned, None),
+            ("time", learned, "time"),
+        ]:
+            _, gammas = sampling.sampling_grid(params, steps, "ancestral", grid=grid)
+            bias[name] = _exact_moments("ancestral", gammas)[1] / data_var - 1.0
+        assert abs(bias["lambda"] - bias["linear"]) < 1e-6, (steps, bias)
+        assert 2.5 < bias["time"] / bias["lambda"] < 3.5, (steps, bias)
 
 
 def test_fast_samplers_with_20_steps_are_close_to_the_data():
@@ -145,42 +168,48 @@ def test_fast_samplers_with_20_steps_are_close_to_the_data():
 
 
 @pytest.mark.parametrize(
-    "schedule,sampler,steps", [("linear", "ancestral", 1000), ("learned", "dpm_solver", 50)]
+    "schedule,sampler,steps", [("learned", "ancestral", 1000), ("learned", "dpm_solver", 50)]
 )
 def test_converged_samplers_match_the_data(schedule, sampler, steps):
-    # Ancestral sampling walks a grid uniform in t, so its accuracy depends on the schedule's
-    # interior: on the steep learned schedule 1000 steps still leave a -3% variance bias (which
-    # test_samplers_match_exact_moments_on_gaussian_data confirms exactly at 50 steps). DDIM with
-    # eta = 1 is the same ancestral step on the uniform-lambda grid, independent of the interior.
+    # Both walk the lambda grid, on which the steep learned schedule's interior does not matter:
+    # 1000 ancestral steps leave -1.1% of variance bias (-3.5% on the grid uniform in t).
     params = _gaussian_params(schedule)
     z = sampling.sample_latents(params, jax.random.key(2), N_IMAGES, steps=steps, sampler=sampler)
     _assert_moments(z, *_data_moments(), (schedule, sampler, steps))
 
 
 def test_ddim_with_eta_one_is_the_ancestral_sampler():
-    # On a linear schedule the ancestral time grid and DDIM's lambda grid coincide.
-    params = _gaussian_params("linear")
+    # The same step on the same (lambda) grid, here on the steep learned schedule; on the grid
+    # uniform in t the ancestral chain is a different one.
+    params = _gaussian_params("learned")
     key = jax.random.key(3)
     anc = sampling.sample_latents(params, key, 8, steps=10, sampler="ancestral")
     ddim = sampling.sample_latents(params, key, 8, steps=10, sampler="ddim", eta=1.0)
     np.testing.assert_allclose(ddim, anc, rtol=1e-4, atol=1e-5)
+    on_t = sampling.sample_latents(params, key, 8, steps=10, sampler="ancestral", grid="time")
+    assert np.abs(on_t - anc).max() > 0.1
 
 
 def test_sampling_grid_inverts_a_learned_schedule():
     params = _gaussian_params("learned")
-    for sampler in ("ddim", "dpm_solver"):
+    for sampler in ("ancestral", "ddim", "dpm_solver"):
+        assert sampling.default_grid(params.model, sampler) == "lambda"
         t, g = sampling.sampling_grid(params, 16, sampler)
         assert t[0] == 1.0 and t[-1] == 0.0 and np.all(np.diff(t) < 0)
         # Uniform in lambda = -gamma/2 between the end points.
         np.testing.assert_allclose(np.diff(g), (G_MIN - G_MAX) / 16, rtol=1e-4)
         np.testing.assert_allclose(model_lib.gamma(params, jnp.asarray(t)), g, atol=1e-4)
-    t, g = sampling.sampling_grid(params, 8, "ancestral")
-    np.testing.assert_allclose(t, np.linspace(1, 0, 9), atol=1e-7)
+        t, g = sampling.sampling_grid(params, 8, sampler, grid="time")
+        np.testing.assert_allclose(t, np.linspace(1, 0, 9), atol=1e-7)
+        np.testing.assert_allclose(g, model_lib.gamma(params, jnp.asarray(t)), atol=1e-6)
+        assert np.abs(np.diff(g) - (G_MIN - G_MAX) / 8).max() > 0.5  # the interior's shape
 
 
 def test_discrete_time_model_samples_with_its_own_T():
     params = _gaussian_params("linear", timesteps=7)
     assert sampling.default_steps(params.model, "ancestral") == 7
+    assert sampling.default_grid(params.model, "ancestral") == "time"
+    assert sampling.default_grid(params.model, "ddim") == "lambda"
     t, _ = sampling.sampling_grid(params, None, "ancestral")
     np.testing.assert_allclose(t, np.arange(7, -1, -1) / 7, atol=1e-7)
     x = sampling.sample(params, jax.random.key(0), 4)
@@ -278,7 +307,13 @@ def test_tiny_model_samples_are_uint8_deterministic_and_compiled_once(
     traces = count_traces(
         sampling,
         "_generate",
-        lambda params, keys, eta, *, steps, sampler, decode: (sampler, steps, len(keys), decode),
+        lambda params, keys, eta, *, steps, sampler, grid, decode: (
+            sampler,
+            grid,
+            steps,
+            len(keys),
+            decode,
+        ),
     )
     # (8 images, 3 steps: the same program as test_cli's, which may have compiled it already.)
     x = sampling.sample(tiny_params, key, 8, steps=3)
@@ -293,7 +328,7 @@ def test_tiny_model_samples_are_uint8_deterministic_and_compiled_once(
     other = jax.tree.map(lambda p: p * 0.5, tiny_params)
     assert not np.array_equal(sampling.sample(other, key, 8, steps=3), x)
     assert traces == first  # no new compilation
-    assert set(first) <= {("ancestral", 3, 8, True)}
+    assert set(first) <= {("ancestral", "lambda", 3, 8, True)}
 
 
 def test_images_depend_on_key_and_index_only():
@@ -325,6 +360,7 @@ def test_tiny_model_fast_samplers_run(tiny_params, key):
         (dict(sampler="ddim", eta=-0.1), "eta=-0.1; expected a number with 0 <= eta <= 1"),
         (dict(sampler="ddim", eta=1.5), "expected a number with 0 <= eta <= 1"),
         (dict(eta=0.5), "applies only to sampler='ddim'"),
+        (dict(grid="log"), "grid='log'; expected one of time, lambda"),
         (dict(batch_size=0), "batch_size=0; expected a positive integer"),
     ],
 )

@@ -104,6 +104,7 @@ def sample(args) -> int:
     from jvdm import run, sampling, viz
 
     validate.check_sampler(args.sampler, "--sampler")
+    validate.check_sampler_grid(args.grid, "--grid")
     params = run.load(args.workdir)
     images = sampling.sample(
         params,
@@ -113,6 +114,7 @@ def sample(args) -> int:
         sampler=args.sampler,
         eta=args.eta,
         batch_size=args.batch_size,
+        grid=args.grid,
     )
     out = args.out or os.path.join(run.resolve_checkpoint(args.workdir)[0], "samples.png")
     viz.save_image_grid(images, out)
@@ -127,6 +129,7 @@ def sample(args) -> int:
                 "n": args.n,
                 "sampler": args.sampler,
                 "steps": args.steps or sampling.default_steps(params.model, args.sampler),
+                "grid": args.grid or sampling.default_grid(params.model, args.sampler),
             }
         )
     )
@@ -176,10 +179,17 @@ def score(args) -> int:
 
     from jvdm import quality, run, sampling
 
+    validate.check_sampler(args.sampler, "--sampler")
+    validate.check_sampler_grid(args.grid, "--grid")
     params, config = run.load_with_config(args.workdir)
     start = time.perf_counter()
     images = sampling.sample(
-        params, jax.random.key(args.seed), args.n, steps=args.steps, sampler=args.sampler
+        params,
+        jax.random.key(args.seed),
+        args.n,
+        steps=args.steps,
+        sampler=args.sampler,
+        grid=args.grid,
     )
     seconds = time.perf_counter() - start
     result = quality.sample_quality(
@@ -189,7 +199,8 @@ def score(args) -> int:
         seed=args.seed,
     )
     steps = args.steps or sampling.default_steps(params.model, args.sampler)
-    result.update(sampler=args.sampler, steps=steps, sample_seconds=seconds)
+    grid = args.grid or sampling.default_grid(params.model, args.sampler)
+    result.update(sampler=args.sampler, steps=steps, grid=grid, sample_seconds=seconds)
     result["table"] = quality.format_table(result).splitlines()
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0

@@ -149,6 +149,9 @@ def _add_training_sections(c: ml_collections.ConfigDict) -> None:
     c.eval.num_samples = 64
     c.eval.sampler = "ancestral"
     c.eval.sample_steps = 250
+    # "lambda" (uniform in lambda = -gamma/2) or "time" (uniform in t); unset: the sampler's
+    # default, "lambda" except for ancestral sampling of a discrete-time model (jvdm.sampling).
+    c.eval.sample_grid = config_dict.placeholder(str)
     c.eval.final_draws = 4
     # Score each evaluation's samples in a dataset classifier's features (jvdm.quality; the
     # classifier is trained once per dataset and cached in the data directory).
@@ -275,6 +278,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(e.batch_size > 0, "eval.batch_size", e.batch_size, "must be positive")
     need(e.draws > 0, "eval.draws", e.draws, "must be positive")
     checks.check_sampler(e.sampler, "config.eval.sampler")
+    checks.check_sampler_grid(e.sample_grid, "config.eval.sample_grid")
     need(e.sample_steps > 0, "eval.sample_steps", e.sample_steps, "must be positive")
     return c
 

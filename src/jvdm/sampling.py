@@ -2,6 +2,8 @@ r"""Drawing images from a trained VDM: ``sample`` and ``sample_latents``, each o
 
 The samplers themselves (ancestral, DDIM, DPM-Solver++(2M): their maths, grids and orders) are
 :mod:`jvdm.samplers`; this module runs one over a batch of per-image keys and decodes the result.
+Each walks a grid uniform in ``lambda`` by default, except ancestral sampling of a discrete-time
+model, which walks its own ``T`` steps in ``t`` (:func:`default_grid`; ``grid=`` chooses).
 
 Randomness is per image: image ``i`` of ``sample(params, key, n)`` uses ``fold_in(key, i)`` only, so
 it does not depend on ``n``, ``batch_size`` or the number of devices (``sample(key, 8)[:4] ==
@@ -34,6 +36,7 @@ from jvdm.errors import JvdmUserError
 from jvdm.samplers import SAMPLERS, gamma_grid, run, time_from_gamma
 
 __all__ = [
+    "default_grid",
     "default_steps",
     "sample",
     "sample_latents",
@@ -48,15 +51,28 @@ DEFAULT_BATCH_SIZE = 256
 def default_steps(model: model_lib.VDM, sampler: str) -> int:
     """The step count used when ``steps=None``: ``T`` for ancestral sampling of a discrete-time
     model, 1000 for continuous-time ancestral sampling, 50 for DDIM and DPM-Solver."""
-    if SAMPLERS[validate.check_sampler(sampler)].grid == "time":
+    if validate.check_sampler(sampler) == "ancestral":
         return model.timesteps if model.timesteps > 0 else DEFAULT_CONTINUOUS_STEPS
     return DEFAULT_FAST_STEPS
 
 
-def _check_args(params, n, steps, sampler, eta, batch_size) -> tuple[int, int]:
+def default_grid(model: model_lib.VDM, sampler: str) -> str:
+    """The grid used when ``grid=None``: ``"time"`` (the model's own ``t_i = i / T``) for ancestral
+    sampling of a discrete-time model, whose bound is that chain; ``"lambda"`` otherwise, so that a
+    continuous-time model's samples depend on its schedule's end points only, not on the interior
+    that a learned schedule shapes for the loss's variance (:mod:`jvdm.samplers`)."""
+    if validate.check_sampler(sampler) == "ancestral" and model.timesteps > 0:
+        return "time"
+    return "lambda"
+
+
+def _check_args(params, n, steps, sampler, eta, batch_size, grid) -> tuple[int, int, str]:
     validate.check_params(params, model_lib.VDMParams)
     validate.check_sampler(sampler)
+    validate.check_sampler_grid(grid)
     validate.positive_int(n, "n", " number of images")
+    if grid is None:
+        grid = default_grid(params.model, sampler)
     if steps is None:
         steps = default_steps(params.model, sampler)
     steps = validate.positive_int(steps, "steps", " (or None for the default)")
@@ -66,7 +82,7 @@ def _check_args(params, n, steps, sampler, eta, batch_size) -> tuple[int, int]:
     if eta != 0.0 and sampler != "ddim":
         raise JvdmUserError(f"eta={eta!r} applies only to sampler='ddim'; got sampler={sampler!r}")
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
-    return steps, validate.positive_int(batch_size, "batch_size", " (or None)")
+    return steps, validate.positive_int(batch_size, "batch_size", " (or None)"), grid
 
 
 # ------------------------------------------------------------------------------------------------
@@ -83,14 +99,16 @@ def _grid_jit(params, *, steps: int, grid: str):
     return t.at[0].set(1.0).at[-1].set(0.0), g
 
 
-def sampling_grid(params, steps: int | None = None, sampler: str = "ancestral"):
+def sampling_grid(
+    params, steps: int | None = None, sampler: str = "ancestral", grid: str | None = None
+):
     """The ``(t, gamma)`` grid a sampler visits, each ``[steps + 1]``, from ``t = 1`` to ``t = 0``.
 
-    For DDIM and DPM-Solver the grid is uniform in ``lambda = -gamma/2`` and ``t`` comes from
-    :func:`time_from_gamma`; the samplers themselves use only ``gamma``.
+    ``steps`` and ``grid`` as in :func:`sample`. On a grid uniform in ``lambda = -gamma/2``, ``t``
+    comes from :func:`time_from_gamma`; the samplers themselves use only ``gamma``.
     """
-    steps, _ = _check_args(params, 1, steps, sampler, 0.0, None)
-    t, g = _grid_jit(params, steps=steps, grid=SAMPLERS[sampler].grid)
+    steps, _, grid = _check_args(params, 1, steps, sampler, 0.0, None, grid)
+    t, g = _grid_jit(params, steps=steps, grid=grid)
     return np.asarray(t), np.asarray(g)
 
 
@@ -103,11 +121,11 @@ def _per_image_normal(keys, shape, tag):
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, tag), shape))(keys)
 
 
-def _run_chain(params, keys, eta, *, steps, sampler):
+def _run_chain(params, keys, eta, *, steps, sampler, grid):
     """``z_0`` for a batch of per-image keys ``[B]``."""
     shape = params.model.image_shape
     spec = SAMPLERS[sampler]
-    g = gamma_grid(params, steps, spec.grid)
+    g = gamma_grid(params, steps, grid)
     z = _per_image_normal(keys, shape, 0)  # z_1 ~ N(0, I), the prior
     noise_fn = (lambda i: _per_image_normal(keys, shape, i + 1)) if spec.uses_noise else None
     return run(params, spec, z, g, eta, noise_fn)
@@ -129,22 +147,22 @@ def _decode(params, z_0, keys, steps):
     return decoder.decoder_sample(u, z_0, g_0, model.vocab_size).astype(jnp.uint8)
 
 
-def _generate(params, keys, eta, *, steps, sampler, decode):
+def _generate(params, keys, eta, *, steps, sampler, grid, decode):
     """The traced body of one chunk: the chain, then the decoder (or the latents)."""
-    z_0 = _run_chain(params, keys, eta, steps=steps, sampler=sampler)
+    z_0 = _run_chain(params, keys, eta, steps=steps, sampler=sampler, grid=grid)
     return _decode(params, z_0, keys, steps) if decode else z_0
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "sampler", "decode", "sharding"))
-def _sample_chunk(params, key, indices, eta, *, steps, sampler, decode, sharding):
+@functools.partial(jax.jit, static_argnames=("steps", "sampler", "grid", "decode", "sharding"))
+def _sample_chunk(params, key, indices, eta, *, steps, sampler, grid, decode, sharding):
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, indices)
     if sharding is not None:
         keys = jax.lax.with_sharding_constraint(keys, sharding)
-    return _generate(params, keys, eta, steps=steps, sampler=sampler, decode=decode)
+    return _generate(params, keys, eta, steps=steps, sampler=sampler, grid=grid, decode=decode)
 
 
-def _sample(params, key, n, *, steps, sampler, eta, batch_size, decode) -> np.ndarray:
-    steps, batch_size = _check_args(params, n, steps, sampler, eta, batch_size)
+def _sample(params, key, n, *, steps, sampler, eta, batch_size, grid, decode) -> np.ndarray:
+    steps, batch_size, grid = _check_args(params, n, steps, sampler, eta, batch_size, grid)
     # A chunk of at least one image per device is rounded up to a multiple of the device count (at
     # most ``devices - 1`` extra images, discarded) and sharded on the batch axis.
     chunk, sharding = parallel.local_batch_layout(min(n, batch_size))
@@ -171,6 +189,7 @@ def _sample(params, key, n, *, steps, sampler, eta, batch_size, decode) -> np.nd
             eta,
             steps=steps,
             sampler=sampler,
+            grid=grid,
             decode=decode,
             sharding=sharding,
         )
@@ -187,6 +206,7 @@ def sample(
     sampler: str = "ancestral",
     eta: float = 0.0,
     batch_size: int | None = None,
+    grid: str | None = None,
 ) -> np.ndarray:
     """Draws ``n`` images from the model.
 
@@ -199,15 +219,28 @@ def sample(
       sampler: ``"ancestral"``, ``"ddim"`` or ``"dpm_solver"`` (DPM-Solver++(2M)).
       eta: DDIM's stochasticity in ``[0, 1]``: 0 deterministic, 1 ancestral. Only for ``"ddim"``.
       batch_size: images per compiled call (memory bound); default 256.
+      grid: the noise levels visited, ``"lambda"`` (uniform in ``lambda = -gamma/2`` between the
+        schedule's end points) or ``"time"`` (``t_i = i / steps``); default ``"time"`` for
+        ancestral sampling of a discrete-time model (its bound's own chain), else ``"lambda"``
+        (:func:`default_grid`). On a linear schedule the two coincide.
 
     Returns:
       uint8 ``[n, H, W, C]`` (a NumPy array on the host).
 
     Raises:
-      ValueError: for ``n <= 0``, ``steps <= 0``, an unknown sampler or ``eta`` outside ``[0, 1]``.
+      ValueError: for ``n <= 0``, ``steps <= 0``, an unknown sampler or grid, or ``eta`` outside
+        ``[0, 1]``.
     """
     return _sample(
-        params, key, n, steps=steps, sampler=sampler, eta=eta, batch_size=batch_size, decode=True
+        params,
+        key,
+        n,
+        steps=steps,
+        sampler=sampler,
+        eta=eta,
+        batch_size=batch_size,
+        grid=grid,
+        decode=True,
     )
 
 
@@ -220,6 +253,7 @@ def sample_latents(
     sampler: str = "ancestral",
     eta: float = 0.0,
     batch_size: int | None = None,
+    grid: str | None = None,
 ) -> np.ndarray:
     """Like :func:`sample` but returns the continuous latent ``z_0`` (float32 ``[n, H, W, C]``),
     before the decoder: ``z_0 ~ alpha_0 x + sigma_0 eps`` with ``x`` in model space ``[-1, 1]``.
@@ -227,5 +261,13 @@ def sample_latents(
     With the same arguments, ``sample`` decodes exactly these latents.
     """
     return _sample(
-        params, key, n, steps=steps, sampler=sampler, eta=eta, batch_size=batch_size, decode=False
+        params,
+        key,
+        n,
+        steps=steps,
+        sampler=sampler,
+        eta=eta,
+        batch_size=batch_size,
+        grid=grid,
+        decode=False,
     )

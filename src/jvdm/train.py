@@ -264,6 +264,7 @@ def _loop_settings(config) -> dict[str, Any]:
             sample_steps=int(e.sample_steps),
             sampler=str(e.sampler),
             use_quality=bool(e.use_quality),
+            sample_grid=e.sample_grid,
         ),
         variance_spec=train_log.VarianceSpec(
             every=int(t.variance_every),

@@ -144,6 +144,7 @@ class EvalSpec:
       batch_size: images per evaluation batch (``config.eval.batch_size``).
       num_samples, sample_steps, sampler: the sample grid (``config.eval``).
       use_quality: whether to score the samples in a dataset classifier's features.
+      sample_grid: the sampler's grid (``config.eval.sample_grid``; ``None``: its default).
     """
 
     dataset: str
@@ -154,6 +155,7 @@ class EvalSpec:
     sample_steps: int
     sampler: str
     use_quality: bool
+    sample_grid: str | None = None
 
 
 def evaluate_and_save(spec: EvalSpec, state, workdir: str, step: int, *, draws: int, key) -> dict:
@@ -176,7 +178,12 @@ def evaluate_and_save(spec: EvalSpec, state, workdir: str, step: int, *, draws: 
         data_dir=spec.data_dir,
     )
     images = sampling.sample(
-        params, k_sample, spec.num_samples, steps=spec.sample_steps, sampler=spec.sampler
+        params,
+        k_sample,
+        spec.num_samples,
+        steps=spec.sample_steps,
+        sampler=spec.sampler,
+        grid=spec.sample_grid,
     )
     # Two pixel-level checks that a feature distance can miss: the share of exactly-zero pixels
     # (the data's backgrounds; 80% of mnist's pixels) and the model's own ELBO of its samples

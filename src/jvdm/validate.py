@@ -23,6 +23,7 @@ from jvdm.errors import JvdmUserError
 __all__ = [
     "NOISE_SAMPLINGS",
     "PREDICTIONS",
+    "SAMPLER_GRIDS",
     "SAMPLER_NAMES",
     "VARIANCE_GRADIENTS",
     "WEIGHTINGS",
@@ -30,11 +31,14 @@ __all__ = [
     "check_gamma_order",
     "check_images",
     "check_sampler",
+    "check_sampler_grid",
     "check_sides_divide",
     "positive_int",
 ]
 
 SAMPLER_NAMES = ("ancestral", "ddim", "dpm_solver")
+# the grids a sampler can walk: uniform in t, or uniform in lambda = -gamma/2 (jvdm.samplers)
+SAMPLER_GRIDS = ("time", "lambda")
 PREDICTIONS = ("eps", "x0", "v")  # what the denoiser outputs
 # w(lambda) of the training loss
 WEIGHTINGS = ("elbo", "sigmoid", "elbo_sigmoid", "edm", "edm_monotone", "v_mse")
@@ -70,6 +74,16 @@ def check_sampler(name, where: str = "sampler") -> str:
     if name not in SAMPLER_NAMES:
         raise JvdmUserError(f"{where}={name!r}; expected one of {', '.join(SAMPLER_NAMES)}")
     return name
+
+
+def check_sampler_grid(grid, where: str = "grid") -> str | None:
+    """``grid`` if it names a sampler grid (:data:`SAMPLER_GRIDS`) or is ``None`` (the sampler's
+    default), else a one-line error."""
+    if grid is not None and grid not in SAMPLER_GRIDS:
+        raise JvdmUserError(
+            f"{where}={grid!r}; expected one of {', '.join(SAMPLER_GRIDS)} (or none: the default)"
+        )
+    return grid
 
 
 def check_gamma_order(gamma_min, gamma_max, prefix: str = "", suffix: str = "") -> None:
