@@ -245,6 +245,16 @@ def test_objective_fields_are_validated_with_user_errors(overrides, match):
         config_lib.validate(config)
 
 
+def test_fixed_schedule_experiments_are_learned_snr_with_another_schedule():
+    root = os.path.join(os.path.dirname(__file__), "..", "experiments")
+    learned = config_lib.load_config_file(os.path.join(root, "learned_snr.py"))
+    for name, schedule in (("fixed_linear", "linear"), ("cosine", "cosine")):
+        config = config_lib.validate(config_lib.load_config_file(os.path.join(root, f"{name}.py")))
+        assert config.gamma.schedule == schedule
+        config.gamma.schedule = learned.gamma.schedule
+        assert config == learned, name
+
+
 def test_experiments_derive_their_objective_from_the_base_config():
     base = config_lib.base_config()
     root = os.path.join(os.path.dirname(__file__), "..", "experiments")
