@@ -231,17 +231,8 @@ def sample(
       ValueError: for ``n <= 0``, ``steps <= 0``, an unknown sampler or grid, or ``eta`` outside
         ``[0, 1]``.
     """
-    return _sample(
-        params,
-        key,
-        n,
-        steps=steps,
-        sampler=sampler,
-        eta=eta,
-        batch_size=batch_size,
-        grid=grid,
-        decode=True,
-    )
+    opts = dict(steps=steps, sampler=sampler, eta=eta, batch_size=batch_size, grid=grid)
+    return _sample(params, key, n, decode=True, **opts)
 
 
 def sample_latents(
@@ -260,14 +251,5 @@ def sample_latents(
 
     With the same arguments, ``sample`` decodes exactly these latents.
     """
-    return _sample(
-        params,
-        key,
-        n,
-        steps=steps,
-        sampler=sampler,
-        eta=eta,
-        batch_size=batch_size,
-        grid=grid,
-        decode=False,
-    )
+    opts = dict(steps=steps, sampler=sampler, eta=eta, batch_size=batch_size, grid=grid)
+    return _sample(params, key, n, decode=False, **opts)
