@@ -53,6 +53,9 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+_GRID_HELP = "lambda | time (default: lambda; time for ancestral on a discrete-time model)"
+
+
 def _build_parser() -> _Parser:
     parser = _Parser(prog="jvdm", description="Variational Diffusion Models in JAX/Flax.")
     sub = parser.add_subparsers(
@@ -80,11 +83,7 @@ def _build_parser() -> _Parser:
     p.add_argument("--steps", type=_positive_int, default=None, help="sampling steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1]")
-    p.add_argument(
-        "--grid",
-        default=None,
-        help="lambda | time (default: lambda; time for ancestral on a discrete-time model)",
-    )
+    p.add_argument("--grid", default=None, help=_GRID_HELP)
     p.add_argument("--batch-size", type=_positive_int, default=None)
     p.add_argument("--save-npy", default=None, help="also save the uint8 images as .npy here")
 
@@ -113,11 +112,7 @@ def _build_parser() -> _Parser:
     p.add_argument("--n", type=_positive_int, default=256, help="number of samples (default 256)")
     p.add_argument("--sampler", default="ancestral", help="ancestral | ddim | dpm_solver")
     p.add_argument("--steps", type=_positive_int, default=None, help="sampling steps")
-    p.add_argument(
-        "--grid",
-        default=None,
-        help="lambda | time (default: lambda; time for ancestral on a discrete-time model)",
-    )
+    p.add_argument("--grid", default=None, help=_GRID_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None, help="tfds data dir (default: the config's)")
 
