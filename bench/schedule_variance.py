@@ -8,10 +8,11 @@ run that samples from it, or for any continuous-time run with ``--with-histogram
 optimal density fitted to the same points (``optimal``, a lower bound); and the mean diffusion term.
 The images are the first ``--images`` of the run's training split (default: its
 ``train.variance_images``), at ``--grid`` levels each (default: its ``train.variance_grid``), and
-the key is the run's variance key folded with the step, so at the steps where the run measured
-itself these are its own ``variance/...`` records (on the same devices). Runs trained with
-different schedules are compared at matched steps by passing them together. Prints one JSON
-record (and appends it to bench/results.jsonl):
+the key is the run's variance key, the one the trainer uses at every step, so at the steps where
+the run measured itself these are its own ``variance/...`` records (on the same devices; runs
+trained before 2026-12-04 folded the step into it, so theirs agree only to the draws' noise).
+Runs trained with different schedules are compared at matched steps by passing them together.
+Prints one JSON record (and appends it to bench/results.jsonl):
 
     python bench/schedule_variance.py --workdir runs/learned_snr runs/fixed_linear runs/cosine
         [--images 32] [--grid 64] [--steps 600 1200 1800] [--with-histogram]
@@ -56,7 +57,7 @@ def _run_rows(workdir: str, args) -> dict:
         params = run.load(step_dir)
         histogram = run.load_loss_histogram(step_dir) if use_histogram else None
         start = time.perf_counter()
-        record = train_log.measure_variance(spec, params, histogram, key, step)
+        record = train_log.measure_variance(spec, params, histogram, key)
         row = {k.removeprefix("variance/"): v for k, v in record.items()}
         rows.append({"step": step, **row, "seconds": time.perf_counter() - start})
         print(workdir, rows[-1], file=sys.stderr, flush=True)

@@ -224,22 +224,46 @@ def test_loss_variance_is_measured_logged_and_plotted(runs):
     state = restore(workdir, STEPS, tiny(), parallel.make_mesh())
     spec = train_log.VarianceSpec(10, 6, "mnist_subset", "train", None, grid=64)
     key = train_lib.run_keys(0)[3]
-    again = train_log.measure_variance(spec, state.ema_params, None, key, STEPS)
+    again = train_log.measure_variance(spec, state.ema_params, None, key)
     assert again == {k: v for k, v in records[-1].items() if k != "step"}
     # One device, unpadded: the same numbers to float32 rounding. (XLA:CPU's convolutions round
     # differently at another batch size -- 6 rows here, 2 per device there -- as they do on one
     # device when the 6 are padded to 8. Measured: 3e-6 relative at most.)
     images = train_log._variance_images(spec)
     params = jax.device_put(host(state.ema_params), jax.devices()[0])
-    pts = jax.jit(loss_variance.points, static_argnames="grid")(
-        params, images, jax.random.fold_in(key, STEPS), grid=spec.grid
-    )
+    pts = jax.jit(loss_variance.points, static_argnames="grid")(params, images, key, grid=spec.grid)
     one = jax.jit(loss_variance.combine)(pts)
     mean = lambda v: float(np.mean(np.asarray(v, np.float64)))
     assert images.shape[0] == 6
     assert mean(one.diffusion_bpd) == pytest.approx(again["variance/diffusion_bpd"], rel=1e-6)
     for k, v in one.variance.items():
         assert mean(v) == pytest.approx(again[f"variance/{k}"], rel=1e-5), k
+
+
+def test_every_evaluation_of_a_run_draws_the_same_noise(runs):
+    """The straight run evaluated at steps 10 and 20 with its one evaluation key, not a key per
+    step: the final record is what the step-20 EMA parameters give with the run's key, and a key
+    folded with the step (the old derivation) gives another value, so the check can fail."""
+    from jvdm import evaluate
+
+    config = tiny()
+    state = restore(runs["straight_dir"], STEPS, config, parallel.make_mesh())
+    run_key = train_lib.run_keys(0)[2]
+    logged = [r for r in read_metrics(runs["straight_dir"]) if "eval/bpd_mean" in r][-1]
+
+    def bpd(key):
+        k_eval, _ = jax.random.split(key)
+        return evaluate.evaluate_split(
+            state.ema_params,
+            dataset=config.data.name,
+            split=config.data.eval_split,
+            key=k_eval,
+            batch_size=config.eval.batch_size,
+        )["bpd_mean"]
+
+    assert bpd(run_key) == pytest.approx(logged["eval/bpd_mean"], rel=1e-6, abs=0)
+    folded = bpd(jax.random.fold_in(run_key, STEPS))
+    assert abs(folded - logged["eval/bpd_mean"]) > 1e-4, folded
 
 
 def test_resume_after_sigterm_is_bit_identical(runs):

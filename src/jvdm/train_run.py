@@ -34,8 +34,8 @@ class Run:
     manager: Any  # the checkpoint manager (jvdm.checkpoint.make_manager)
     writer: train_log.MetricsWriter
     train_key: jax.Array  # replicated on the mesh; each step folds in its number
-    eval_key: jax.Array
-    variance_key: jax.Array  # each measurement of the loss variance folds in its step
+    eval_key: jax.Array  # the same at every evaluation: they differ only by the model
+    variance_key: jax.Array  # likewise for every measurement of the loss variance
     step_callback: Callable[[int, TrainState], None] | None
     image_shape: tuple[int, ...]
     steps: int
