@@ -102,6 +102,11 @@ class Sampler(NamedTuple):
       is_deterministic: whether the map ``z_1 -> z_0`` uses no noise (DDIM only with ``eta = 0``,
         which :func:`solve` fixes).
       uses_noise: whether the chain draws a normal per step for it.
+      is_model_chain: whether the chain is the model's own generative process ``p(z_s | z_t)``,
+        the chain the bound is written for (ancestral only): :func:`jvdm.sampling.default_steps`
+        and :func:`jvdm.sampling.default_grid` then follow the model (a discrete-time model's
+        own ``T`` steps in ``t``; 1000 steps in continuous time), where the solvers of the ODE
+        take 50 steps uniform in ``lambda``.
       init: ``z_1 -> state``, a pytree whose first leaf is the latent.
       step: ``(params, state, StepInput, steps) -> state``; ``steps`` is static.
     """
@@ -110,6 +115,7 @@ class Sampler(NamedTuple):
     order: int
     is_deterministic: bool
     uses_noise: bool
+    is_model_chain: bool
     init: Callable[[jax.Array], Any]
     step: Callable[..., Any]
 
@@ -230,9 +236,9 @@ def _dpm_step(params, state, inp: StepInput, steps: int):
 SAMPLERS: dict[str, Sampler] = {
     s.name: s
     for s in (
-        Sampler("ancestral", 0, False, True, _latent_only, _ancestral_step),
-        Sampler("ddim", 1, True, True, _latent_only, _ddim_step),
-        Sampler("dpm_solver", 2, True, False, _dpm_init, _dpm_step),
+        Sampler("ancestral", 0, False, True, True, _latent_only, _ancestral_step),
+        Sampler("ddim", 1, True, True, False, _latent_only, _ddim_step),
+        Sampler("dpm_solver", 2, True, False, False, _dpm_init, _dpm_step),
     )
 }
 assert tuple(SAMPLERS) == validate.SAMPLER_NAMES, "the table and the checked names must agree"

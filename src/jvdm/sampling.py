@@ -50,8 +50,9 @@ DEFAULT_BATCH_SIZE = 256
 
 def default_steps(model: model_lib.VDM, sampler: str) -> int:
     """The step count used when ``steps=None``: ``T`` for ancestral sampling of a discrete-time
-    model, 1000 for continuous-time ancestral sampling, 50 for DDIM and DPM-Solver."""
-    if validate.check_sampler(sampler) == "ancestral":
+    model, 1000 for continuous-time ancestral sampling, 50 for DDIM and DPM-Solver (the
+    sampler's :attr:`~jvdm.samplers.Sampler.is_model_chain`)."""
+    if SAMPLERS[validate.check_sampler(sampler)].is_model_chain:
         return model.timesteps if model.timesteps > 0 else DEFAULT_CONTINUOUS_STEPS
     return DEFAULT_FAST_STEPS
 
@@ -61,7 +62,7 @@ def default_grid(model: model_lib.VDM, sampler: str) -> str:
     sampling of a discrete-time model, whose bound is that chain; ``"lambda"`` otherwise, so that a
     continuous-time model's samples depend on its schedule's end points only, not on the interior
     that a learned schedule shapes for the loss's variance (:mod:`jvdm.samplers`)."""
-    if validate.check_sampler(sampler) == "ancestral" and model.timesteps > 0:
+    if SAMPLERS[validate.check_sampler(sampler)].is_model_chain and model.timesteps > 0:
         return "time"
     return "lambda"
 
