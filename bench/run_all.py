@@ -46,6 +46,7 @@ PLAN = {
     "devices": ([], ["--counts", "1", "2", "--batch", "8", "--steps", "1"]),
     "data": ([], ["--batches", "5"]),
     "profile_step": ([], ["--batch", "8", "--steps", "1", "--top", "10"]),
+    "step_ceiling": ([], ["--batch", "8", "--rounds", "1", "--top", "5"]),
     "configs": ([], ["--only", "c16_r1_noattn_b128", "--steps", "1"]),
 }
 # Run only when named with --only: the sizing sweep takes more than 8 minutes on 2 cores.
@@ -77,6 +78,12 @@ def _line(name: str, rec: dict) -> str:
         "scaling": ("slope_log_time_vs_log_batch_from_8", "slope_log_time_vs_log_steps"),
         "data": ("sync_ms_per_batch", "step_ms", "loader_share_of_step"),
         "profile_step": ("wall_ms_per_step", "categories_ms_per_step"),
+        "step_ceiling": (
+            "step_fraction_of_peak",
+            "ceiling_fraction_of_peak",
+            "products_ms",
+            "other_ms",
+        ),
     }.get(name, ())
     fields = {k: rec.get(k) for k in pick} if pick else {"rows": len(rec.get("rows", []))}
     return f"{name:18s} {json.dumps(fields, default=str)[:300]}  (load {rec.get('loadavg_before')})"
