@@ -50,6 +50,7 @@ def _row(params, clf_feats, n, sampler, steps, key, sample_key, grid) -> dict:
         "grid": grid,
         "seconds": seconds,
         "fd": quality.frechet_distance(feats, ref),
+        "fd_se": quality.frechet_distance_se(feats, ref),
         "kid": quality.kernel_distance(feats, ref),
         **_pixel_checks(params, images, key),
     }
@@ -107,6 +108,7 @@ def main() -> int:
     _, real_feats = clf.apply(real)
     floor = {
         "fd": quality.frechet_distance(real_feats, ref),
+        "fd_se": quality.frechet_distance_se(real_feats, ref),
         "kid": quality.kernel_distance(real_feats, ref),
         **_pixel_checks(params, real, key),
     }

@@ -37,6 +37,23 @@ def test_fd_matches_the_gaussian_closed_form_for_a_known_shift_and_scale():
     np.testing.assert_allclose(fds, [d * s * s for s in (0.1, 0.2, 0.4)], rtol=1e-9)
 
 
+def test_fd_standard_error_matches_the_spread_of_independent_sets():
+    """fd_se, a bootstrap over the scored set, against brute force: the standard deviation of the
+    FD over 300 independent sets of 128 from one Gaussian, scored against one fixed reference.
+    Measured: 1.11 against 1.11 (the mean of 20 sets' fd_se); the bootstrap's own spread between
+    sets is about 11%, the 300 sets' standard deviation has a relative error of about 4%."""
+    rng = np.random.default_rng(0)
+    d, n = 16, 128
+    mix = np.eye(d) + 0.3 * rng.standard_normal((d, d))
+    reference = rng.standard_normal((500, d))
+    draw = lambda: 0.3 + rng.standard_normal((n, d)) @ mix
+    spread = np.std([quality.frechet_distance(draw(), reference) for _ in range(300)], ddof=1)
+    ses = [quality.frechet_distance_se(draw(), reference, seed=i) for i in range(20)]
+    assert np.mean(ses) == pytest.approx(spread, rel=0.15)
+    # A set with no spread of its own has no error from resampling it (but round-off).
+    assert quality.frechet_distance_se(np.ones((n, d)), reference) < 1e-12
+
+
 def test_kid_is_unbiased_zero_for_one_distribution():
     rng = np.random.default_rng(2)
     values = np.array(
@@ -131,6 +148,9 @@ def test_sample_quality_of_real_images_is_near_its_floor(tmp_path):
     noise = np.random.default_rng(0).integers(0, 17, (100, 8, 8, 1)).astype(np.uint8)
     bad = quality.sample_quality(noise, dataset="digits", data_dir=data_dir, recipe=recipe)
     assert set(real["samples"]) == set(quality.METRICS) and real["n"] == 100
+    for result in (real, bad):
+        assert 0 < result["samples"]["fd_se"] < result["samples"]["fd"]
+        assert 0 < result["samples"]["confidence_se"] < 0.1
     floor = real["real_train"]
     assert real["samples"]["fd"] < 2 * floor["fd"] + 1e-3 < bad["samples"]["fd"]
     assert bad["samples"]["precision"] < floor["precision"]

@@ -7,13 +7,18 @@ perfect sampler would reach at that ``N``; every metric here is biased at finite
 
 * ``fd`` -- the Fréchet distance between Gaussians fitted to the two feature sets,
   ``||mu_1 - mu_2||^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2})`` (Heusel et al. 2017, eq. 6, here in
-  the classifier's features rather than Inception's);
+  the classifier's features rather than Inception's), and ``fd_se``, its standard error over sets
+  of ``N`` samples: the standard deviation of the FD of bootstrap resamples of the scored set
+  (:func:`frechet_distance_se`; against the spread of independent sets in
+  ``tests/test_quality.py``). At ``N = 256`` two sample sets of one model can differ by 10 or more;
+  compare FDs with their errors;
 * ``kid`` -- the unbiased estimate of the squared MMD with the polynomial kernel
   ``k(a, b) = (a.b / d + 1)^3`` (Binkowski et al. 2018, *Demystifying MMD GANs*, sec. 4);
 * ``precision``, ``recall`` -- Kynkäänniemi et al. 2019 (*Improved Precision and Recall Metric*,
   eqs. 1-3): the share of samples inside the union of the real images' k-NN balls (k = 3), and
   the share of real images inside the samples' ones;
-* ``confidence`` -- the classifier's mean top-class probability on the samples;
+* ``confidence`` -- the classifier's mean top-class probability on the samples, and
+  ``confidence_se``, its standard error over images;
 * ``label_entropy`` -- the entropy (nats) of the distribution of predicted labels; ``log K`` for
   a sampler that covers the ``K`` classes evenly.
 
@@ -33,13 +38,24 @@ from jvdm.quality_classifier import Recipe, get_classifier
 __all__ = [
     "METRICS",
     "frechet_distance",
+    "frechet_distance_se",
     "kernel_distance",
     "precision_recall",
     "sample_quality",
 ]
 
-METRICS = ("fd", "kid", "precision", "recall", "confidence", "label_entropy")
+METRICS = (
+    "fd",
+    "fd_se",
+    "kid",
+    "precision",
+    "recall",
+    "confidence",
+    "confidence_se",
+    "label_entropy",
+)
 NEAREST_K = 3  # Kynkäänniemi et al. use k = 3
+FD_RESAMPLES = 200  # bootstrap resamples for fd_se: its own relative noise is about 5%
 
 
 def _as_features(a) -> np.ndarray:
@@ -53,17 +69,46 @@ def frechet_distance(a, b) -> float:
     """Fréchet distance between Gaussians fitted to features ``a [N, D]`` and ``b [M, D]``.
 
     ``tr (S_a S_b)^{1/2}`` is computed as the sum of square roots of the eigenvalues of the
-    symmetric ``S_a^{1/2} S_b S_a^{1/2}`` (the same spectrum), which stays real and stable where
+    symmetric ``S_b^{1/2} S_a S_b^{1/2}`` (the same spectrum), which stays real and stable where
     a general matrix square root (scipy's ``sqrtm``) returns complex round-off.
     """
     a, b = _as_features(a), _as_features(b)
-    mu = a.mean(0) - b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(s_a)
-    root_a = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-    middle = np.linalg.eigvalsh(root_a @ s_b @ root_a)
-    tr_root = np.sum(np.sqrt(np.clip(middle, 0.0, None)))
-    return float(mu @ mu + np.trace(s_a) + np.trace(s_b) - 2.0 * tr_root)
+    return _FrechetReference(b)(a)
+
+
+class _FrechetReference:
+    """The FD to one fixed feature set ``b``, whose statistics and ``S_b^{1/2}`` are computed
+    once (``S_b^{1/2} S_a S_b^{1/2}`` has the spectrum of ``S_a^{1/2} S_b S_a^{1/2}``)."""
+
+    def __init__(self, b: np.ndarray):
+        self.mu = b.mean(0)
+        s_b = np.cov(b, rowvar=False)
+        w, v = np.linalg.eigh(s_b)
+        self.root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+        self.trace = np.trace(s_b)
+
+    def __call__(self, a: np.ndarray) -> float:
+        mu = a.mean(0) - self.mu
+        s_a = np.cov(a, rowvar=False)
+        middle = np.linalg.eigvalsh(self.root @ s_a @ self.root)
+        tr_root = np.sum(np.sqrt(np.clip(middle, 0.0, None)))
+        return float(mu @ mu + np.trace(s_a) + self.trace - 2.0 * tr_root)
+
+
+def frechet_distance_se(a, b, *, resamples: int = FD_RESAMPLES, seed: int = 0) -> float:
+    """The standard error of :func:`frechet_distance` ``(a, b)`` over sets of ``len(a)`` images.
+
+    The standard deviation of the FD of ``resamples`` bootstrap resamples of the rows of ``a``
+    (``b``, the reference, is held fixed, as it is in every comparison against it). On Gaussian
+    features it matches the spread of the FD over independent sets of ``len(a)`` to a few percent
+    (``tests/test_quality.py``).
+    """
+    a, b = _as_features(a), _as_features(b)
+    fd = _FrechetReference(b)
+    rng = np.random.default_rng(seed)
+    n = len(a)
+    values = [fd(a[rng.integers(0, n, n)]) for _ in range(resamples)]
+    return float(np.std(values, ddof=1))
 
 
 def kernel_distance(a, b) -> float:
@@ -104,12 +149,15 @@ def _metrics(logits, feats, ref_feats, num_classes: int) -> dict[str, float]:
     counts = np.bincount(np.argmax(logits, 1), minlength=num_classes) / len(logits)
     nz = counts[counts > 0]
     precision, recall = precision_recall(ref_feats, feats)
+    top = probs.max(1)
     return {
         "fd": frechet_distance(feats, ref_feats),
+        "fd_se": frechet_distance_se(feats, ref_feats),
         "kid": kernel_distance(feats, ref_feats),
         "precision": precision,
         "recall": recall,
-        "confidence": float(probs.max(1).mean()),
+        "confidence": float(top.mean()),
+        "confidence_se": float(top.std(ddof=1) / np.sqrt(len(top))),
         "label_entropy": float(-(nz * np.log(nz)).sum()),
     }
 
