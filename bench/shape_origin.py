@@ -17,8 +17,8 @@ from the prior's end; large ``k`` keeps almost all of ``x``. Each start is score
 - ``train_draw_share``: the share of training draws (``t ~ U(0, 1)`` through the run's schedule)
   whose ``log SNR`` lies between this start and the next larger one (less noise): how much of the
   training signal the denoiser gets at the levels between them. ``None`` for a run that drew its
-  noise levels from the loss histogram (``model.noise_sampling="adaptive"``): the schedule's
-  interior did not set its draws, and the histogram is not saved with the parameters.
+  noise levels from the loss histogram or the band density (``model.noise_sampling`` other than
+  ``"uniform_t"``): the schedule's interior did not set its draws.
 
 The same per-image keys are used at every start (the starts are paired). The floor row is the
 source images themselves. Prints one JSON record (appended to bench/results.jsonl)::
@@ -142,7 +142,7 @@ def main() -> int:
             )
             print(rows[-1], file=sys.stderr, flush=True)
         order = sorted(args.starts)
-        schedule_sets_draws = config.model.noise_sampling != "adaptive"
+        schedule_sets_draws = config.model.noise_sampling == "uniform_t"
         for row in rows if schedule_sets_draws else ():
             k = row["start"]
             nxt = next((j for j in order if j > k), None)

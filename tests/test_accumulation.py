@@ -64,14 +64,20 @@ def images():
             ("model.weighting=sigmoid", "model.noise_sampling=adaptive"),
             marks=pytest.mark.slow,
         ),
+        pytest.param(
+            0,
+            (2,),
+            ("model.weighting=elbo_sigmoid", "model.noise_sampling=band"),
+            marks=pytest.mark.slow,
+        ),
     ],
-    ids=["continuous", "discrete", "adaptive_sigmoid"],
+    ids=["continuous", "discrete", "adaptive_sigmoid", "band"],
 )
 def test_micro_batches_equal_the_whole_batch(images, timesteps, ks, objective_overrides):
     """Loss, metrics, gradients and the loss histogram of k micro-batches equal those of the batch
     of 16 in one piece: in continuous time (the schedule's interior on the variance gradient), in
-    discrete time (every schedule parameter on the bound), and with a weighting and adaptive noise
-    levels drawn from a (non-uniform) histogram."""
+    discrete time (every schedule parameter on the bound), with a weighting and adaptive noise
+    levels drawn from a (non-uniform) histogram, and with the band density's noise levels."""
     config = tiny(f"model.timesteps={timesteps}", *objective_overrides)
     params = build.init_params(config, jax.random.key(0))
     key = jax.random.key(1)

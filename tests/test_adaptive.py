@@ -38,7 +38,7 @@ def _exact_weighted_loss(name):
     return 0.5 * np.trapezoid(w * mse, lam)
 
 
-def _model(name, sampling, bins=50):
+def _model(name, sampling, bins=50, **band):
     return model_lib.VDM(
         denoiser=GaussianDenoiser(M, S),
         schedule=gamma_lib.FixedLinearGamma(gamma_min=G_MIN, gamma_max=G_MAX),
@@ -47,6 +47,7 @@ def _model(name, sampling, bins=50):
         sigmoid_bias=BIAS,
         noise_sampling=sampling,
         histogram_bins=bins,
+        **band,
     )
 
 
@@ -54,17 +55,21 @@ def _per_example(params, hist, key, batch):
     """One batch of per-example weighted diffusion estimates (nats) and the histogram after it."""
     model = params.model
     adaptive = model.noise_sampling == "adaptive"
+    band = None
+    if model.noise_sampling == "band":
+        band = noise_sampling.band_interval(G_MIN, G_MAX, model.band_log_snr)
     kx, kn = jax.random.split(key)
     x = M + S * jax.random.normal(kx, (batch, *SHAPE))
-    noise = model_lib.draw_noise(model, kn, x.shape, hist if adaptive else None)
-    sv = model_lib.schedule_values(model, noise, adaptive=adaptive)(params.schedule)
+    noise = model_lib.draw_noise(model, kn, x.shape, hist if adaptive else None, band=band)
+    positional = model.noise_sampling != "uniform_t"
+    sv = model_lib.schedule_values(model, noise, adaptive=positional)(params.schedule)
     diff = model_lib._diffusion_term(
         model, params.denoiser, x, noise.eps, sv, noise.key_dropout, train=False
     )
     loss = weighting.weighted_diffusion_loss(
         diff, sv.g_t, weighting=model.weighting, sigmoid_bias=BIAS
     )
-    hist = objective._updated_histogram(model, hist, noise, sv, loss, adaptive)
+    hist = objective._updated_histogram(model, hist, noise, sv, loss, positional)
     return loss, hist
 
 
@@ -102,6 +107,53 @@ def test_positions_follow_the_histogram_and_are_stratified():
     np.testing.assert_allclose(noise_sampling.bin_probabilities(empty, uniform_fraction=0.1), 0.25)
 
 
+def _band_cdf(u, a, b, f):
+    """float64 CDF of ``q(u) = (1 - f) + f 1[a <= u < b] / (b - a)``."""
+    return (1 - f) * u + f * np.clip((u - a) / (b - a), 0.0, 1.0)
+
+
+def test_band_positions_follow_their_density_and_are_stratified():
+    a, b, f, n = 0.3, 0.5, 0.4, 1000
+    fn = jax.jit(lambda k: noise_sampling.band_positions(k, n, (a, b), fraction=f))
+    u, q = (np.asarray(v, np.float64) for v in fn(jax.random.key(0)))
+    assert np.all((u >= 0) & (u <= 1))
+    inside = (u >= a) & (u < b)
+    # The density of each draw: 1 - f outside, 1 - f + f / (b - a) = 2.6 inside (up to the
+    # float32 rounding of a draw that lands on an edge).
+    edge = np.minimum(np.abs(u - a), np.abs(u - b)) < 1e-6
+    np.testing.assert_allclose(q[~edge], np.where(inside, 2.6, 0.6)[~edge], rtol=1e-6)
+    # Stratified: F(u) of the n draws are t0 + i / n, so each region holds n x its mass, up to one.
+    counts = [np.sum(u < a), np.sum(inside), np.sum(u >= b)]
+    masses = [0.6 * a, 0.6 * (b - a) + f, 0.6 * (1 - b)]
+    assert np.all(np.abs(np.array(counts) - n * np.array(masses)) <= 1.0 + 1e-9), counts
+    spacing = np.diff(np.sort(_band_cdf(u, a, b, f)))
+    np.testing.assert_allclose(spacing, 1.0 / n, atol=1e-5)
+    # Independent draws: the CDF values are uniform (Kolmogorov-Smirnov, n = 20000: the 1%
+    # critical value is 1.63 / sqrt(n) = 0.0115).
+    fn = jax.jit(
+        lambda k: noise_sampling.band_positions(k, 20000, (a, b), fraction=f, use_antithetic=False)
+    )
+    c = np.sort(_band_cdf(np.asarray(fn(jax.random.key(1))[0], np.float64), a, b, f))
+    ks = np.max(np.abs(c - (np.arange(1, c.size + 1) - 0.5) / c.size))
+    assert ks < 0.0115, ks
+    # An empty interval (a band outside the end points' range) is the uniform density.
+    u1, q1 = noise_sampling.band_positions(
+        jax.random.key(2), 20000, (0.7, 0.7), fraction=f, use_antithetic=False
+    )
+    np.testing.assert_array_equal(q1, 1.0)
+    np.testing.assert_allclose(u1, jax.random.uniform(jax.random.key(2), (20000,)), rtol=1e-6)
+
+
+def test_band_interval_is_the_band_in_positions_between_the_end_points():
+    # gamma = -10 + 14 u; log SNR in [-2, 1) is gamma in (-1, 2]: u in (9/14, 12/14].
+    a, b = noise_sampling.band_interval(-10.0, 4.0, (-2.0, 1.0))
+    np.testing.assert_allclose([a, b], [9 / 14, 12 / 14], rtol=1e-6)
+    # Partly outside the range: clipped to [0, 1]; wholly outside: empty.
+    np.testing.assert_allclose(noise_sampling.band_interval(-10.0, 4.0, (-9.0, 0.0)), [10 / 14, 1])
+    a, b = noise_sampling.band_interval(-10.0, 4.0, (11.0, 12.0))
+    assert a == b == 0.0
+
+
 def test_histogram_update_is_an_ema_of_the_bin_means():
     hist = noise_sampling.init_histogram(2)
     u = jnp.asarray([0.1, 0.2, 0.7])
@@ -130,6 +182,41 @@ def test_adaptive_estimate_is_unbiased_and_has_lower_variance(name):
     ratio = v_a / v_u
     print(f"{name}: per-example variance uniform {v_u:.4g}, adaptive {v_a:.4g}, ratio {ratio:.3f}")
     assert ratio < 1.0
+
+
+@pytest.mark.parametrize("name", ["elbo", "elbo_sigmoid"])
+def test_band_estimate_is_unbiased(name):
+    """The band density (40% of the draws in log SNR [-3, 0], a fifth of the range) gives the
+    quadrature's value within 4 standard errors (12,800 examples): the Jacobian Delta / q(u)
+    undoes the density, whatever the weighting."""
+    exact = _exact_weighted_loss(name)
+    model = _model(name, "band", band_log_snr=(-3.0, 0.0), band_fraction=0.4)
+    params = model_lib.init(model, jax.random.key(0))
+    est, _ = _monte_carlo(params, jax.random.key(1), warmup=1)
+    mean, se = est.mean(), est.std(ddof=1) / np.sqrt(est.size)
+    print(f"{name} band: mean {mean:.5f} +- {se:.5f} (exact {exact:.5f})")
+    assert abs(mean - exact) < 4 * se, (mean, se, exact)
+
+
+def test_the_objective_draws_the_band_between_the_schedules_end_points():
+    """Two routes to one band draw: ``objective.loss_and_grads`` (which reads the end points off
+    the schedule) and the draws made here from the known end points give the same ELBO terms."""
+    model = _model("elbo", "band", band_log_snr=(-3.0, 0.0), band_fraction=0.4)
+    params = model_lib.init(model, jax.random.key(0))
+    images = jax.random.randint(jax.random.key(1), (16, *SHAPE), 0, 256).astype(jnp.uint8)
+    key = jax.random.key(2)
+    metrics = objective.loss_and_grads(params, images, key, train=False).metrics
+    band = noise_sampling.band_interval(G_MIN, G_MAX, (-3.0, 0.0))
+    noise = model_lib.draw_noise(model, key, images.shape, band=band)
+    assert np.mean((np.asarray(noise.t) >= band[0]) & (np.asarray(noise.t) < band[1])) > 0.4
+    sv = model_lib.schedule_values(model, noise, adaptive=True)(params.schedule)
+    terms = model_lib.bound_terms(model, params.denoiser, images, sv, noise, train=False)
+    bpd = model_lib.to_bpd(model, terms)
+    for name in ("diffusion_bpd", "bpd"):
+        np.testing.assert_allclose(metrics[name], np.mean(bpd[name]), rtol=1e-6)
+    # Uniform times through the same (linear) schedule draw other levels: a different estimate.
+    uniform = model_lib.draw_noise(model, key, images.shape)
+    assert not np.allclose(np.asarray(uniform.t), np.asarray(noise.t))
 
 
 def test_elbo_with_uniform_times_is_the_default_objective_to_the_bit(key):
@@ -231,6 +318,13 @@ def test_histogram_resumes_bit_exactly_and_is_the_same_on_one_and_four_devices(t
         (["model.noise_sampling=importance"], r"model\.noise_sampling='importance'"),
         (["model.timesteps=10", "model.weighting=sigmoid"], r"set model\.timesteps=0"),
         (["model.timesteps=10", "model.noise_sampling=adaptive"], r"set model\.timesteps=0"),
+        (["model.timesteps=10", "model.noise_sampling=band"], r"set model\.timesteps=0"),
+        (["model.band_log_snr=(0.0, 0.0)"], r"model\.band_log_snr=\(0\.0, 0\.0\) is invalid"),
+        (["model.band_fraction=1.0"], r"model\.band_fraction=1\.0 is invalid"),
+        (
+            ["model.noise_sampling=band", "model.band_log_snr=(20.0, 30.0)"],
+            r"model\.band_log_snr=\(20\.0, 30\.0\) is invalid: must overlap",
+        ),
         (["model.histogram_uniform_fraction=0.0"], r"histogram_uniform_fraction=0\.0"),
         (["model.histogram_decay=1.0"], r"model\.histogram_decay=1\.0"),
         (["model.weighting=elbo_sigmoid", "model.sigmoid_scale=0.0"], r"model\.sigmoid_scale=0\.0"),
@@ -253,6 +347,10 @@ def test_fixed_schedule_experiments_are_learned_snr_with_another_schedule():
         assert config.gamma.schedule == schedule
         config.gamma.schedule = learned.gamma.schedule
         assert config == learned, name
+    band = config_lib.validate(config_lib.load_config_file(os.path.join(root, "band_draws.py")))
+    assert band.model.noise_sampling == "band"
+    band.model.noise_sampling = learned.model.noise_sampling
+    assert band == learned  # the band's own fields are base_config's
 
 
 def test_experiments_derive_their_objective_from_the_base_config():

@@ -48,6 +48,8 @@ _SOURCES: dict[str, str] = {
     "log_diffusion_weight": "jvdm.weighting",
     "weighted_diffusion_loss": "jvdm.weighting",
     "WEIGHTINGS": "jvdm.weighting",
+    "band_interval": "jvdm.noise_sampling",
+    "band_positions": "jvdm.noise_sampling",
     "bin_probabilities": "jvdm.noise_sampling",
     "init_histogram": "jvdm.noise_sampling",
     "sample_positions": "jvdm.noise_sampling",

@@ -65,6 +65,8 @@ def from_config(config) -> VDM:
         histogram_bins=m.histogram_bins,
         histogram_decay=m.histogram_decay,
         histogram_uniform_fraction=m.histogram_uniform_fraction,
+        band_log_snr=tuple(float(v) for v in m.band_log_snr),
+        band_fraction=m.band_fraction,
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -61,11 +62,16 @@ def _model_section() -> ml_collections.ConfigDict:
     m.sigmoid_bias = 2.0  # b of the "sigmoid" weighting, w = sigmoid(b - lambda)
     m.sigmoid_scale = 1.0  # c of "elbo_sigmoid", w = 1 + c sigmoid(b - lambda)
     # "uniform_t": t ~ U(0, 1) (stratified), gamma = gamma(t). "adaptive": gamma drawn from an EMA
-    # histogram of the loss over lambda, importance-weighted (jvdm.noise_sampling).
+    # histogram of the loss over lambda, importance-weighted (jvdm.noise_sampling). "band": a share
+    # band_fraction of the draws uniform in log SNR within band_log_snr, the rest uniform between
+    # the end points, importance-weighted (the same objective; more training draws where a
+    # sample's shape is decided, bench/RESULTS.md, issue 17).
     m.noise_sampling = "uniform_t"
     m.histogram_bins = 100
     m.histogram_decay = 0.99
     m.histogram_uniform_fraction = 0.1
+    m.band_log_snr = (-4.0, 0.0)
+    m.band_fraction = 0.4
     return m
 
 
@@ -177,7 +183,8 @@ def _validate_objective(m: ml_collections.ConfigDict, need) -> None:
         m.timesteps == 0 or m.noise_sampling == "uniform_t",
         "model.noise_sampling",
         m.noise_sampling,
-        "adaptive sampling is continuous-time: set model.timesteps=0 or noise_sampling=uniform_t",
+        "adaptive and band sampling are continuous-time: set model.timesteps=0 or "
+        "noise_sampling=uniform_t",
     )
     need(
         0.0 < m.sigmoid_scale < float("inf"),
@@ -197,6 +204,19 @@ def _validate_objective(m: ml_collections.ConfigDict, need) -> None:
         "model.histogram_uniform_fraction",
         m.histogram_uniform_fraction,
         "must lie in (0, 1] (the floor that keeps the sampling density positive)",
+    )
+    band = tuple(m.band_log_snr)
+    need(
+        len(band) == 2 and all(math.isfinite(v) for v in band) and band[0] < band[1],
+        "model.band_log_snr",
+        band,
+        "must be (lo, hi) with finite lo < hi, in log SNR = -gamma",
+    )
+    need(
+        0.0 <= m.band_fraction < 1.0,
+        "model.band_fraction",
+        m.band_fraction,
+        "must lie in [0, 1) (the rest of the draws keep the density positive everywhere)",
     )
 
 
@@ -230,6 +250,14 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _validate_objective(m, need)
     need(g.schedule in SCHEDULES, "gamma.schedule", g.schedule, f"one of {SCHEDULES}")
     checks.check_gamma_order(g.gamma_min, g.gamma_max, "config.gamma.")
+    need(
+        m.noise_sampling != "band"
+        or (m.band_log_snr[0] < -g.gamma_min and m.band_log_snr[1] > -g.gamma_max),
+        "model.band_log_snr",
+        tuple(m.band_log_snr),
+        f"must overlap the schedule's range of log SNR = -gamma, ({-g.gamma_max}, "
+        f"{-g.gamma_min}), or no draw would fall in it",
+    )
     need(g.hidden > 0, "gamma.hidden", g.hidden, "must be positive")
     need(
         g.variance_gradient in VARIANCE_GRADIENTS,

@@ -64,11 +64,15 @@ class VDM:
       sigmoid_bias: ``b`` of the ``sigmoid`` weighting ``w = sigmoid(b - lambda)`` (and of
         ``elbo_sigmoid``, ``w = 1 + c sigmoid(b - lambda)``).
       sigmoid_scale: ``c`` of the ``elbo_sigmoid`` weighting.
-      noise_sampling: ``"uniform_t"`` (``t`` uniform, ``gamma = gamma(t)``) or ``"adaptive"``
-        (``gamma`` drawn from a histogram of the loss, :mod:`jvdm.noise_sampling`).
+      noise_sampling: ``"uniform_t"`` (``t`` uniform, ``gamma = gamma(t)``), ``"adaptive"``
+        (``gamma`` drawn from a histogram of the loss, :mod:`jvdm.noise_sampling`) or ``"band"``
+        (a fixed share of the draws uniform in a band of ``log SNR``, the rest uniform between the
+        end points; importance-weighted, so the objective is the same).
       histogram_bins: bins of the loss histogram over ``lambda``.
       histogram_decay: the histogram's EMA decay per step.
       histogram_uniform_fraction: weight of the uniform density mixed into the adaptive one.
+      band_log_snr: ``(lo, hi)``, the band of ``log SNR = -gamma`` of ``"band"`` sampling.
+      band_fraction: the share of ``"band"`` draws made in the band, in ``[0, 1)``.
     """
 
     denoiser: nn.Module
@@ -87,6 +91,8 @@ class VDM:
     histogram_bins: int = 100
     histogram_decay: float = 0.99
     histogram_uniform_fraction: float = 0.1
+    band_log_snr: tuple[float, float] = (-4.0, 0.0)
+    band_fraction: float = 0.4
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
@@ -109,11 +115,16 @@ class VDM:
         if self.noise_sampling not in NOISE_SAMPLINGS:
             raise ValueError(f"noise_sampling={self.noise_sampling!r}; one of {NOISE_SAMPLINGS}")
         if self.timesteps and (self.weighting != "elbo" or self.noise_sampling != "uniform_t"):
-            raise ValueError("weightings and adaptive noise sampling need continuous time")
+            raise ValueError("weightings and adaptive or band noise sampling need continuous time")
         if not (self.histogram_bins >= 1 and 0.0 <= self.histogram_decay < 1.0):
             raise ValueError(f"{self.histogram_bins=}, {self.histogram_decay=}")
         if not 0.0 < self.histogram_uniform_fraction <= 1.0:
             raise ValueError(f"{self.histogram_uniform_fraction=}; expected in (0, 1]")
+        lo, hi = self.band_log_snr
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"band_log_snr={self.band_log_snr}; expected finite lo < hi")
+        if not 0.0 <= self.band_fraction < 1.0:
+            raise ValueError(f"band_fraction={self.band_fraction}; expected in [0, 1)")
 
     @property
     def num_dims(self) -> int:
@@ -207,8 +218,8 @@ class NoiseDraws(NamedTuple):
     """The randomness of one estimate of the bound, drawn for the whole batch.
 
     Attributes:
-      t: ``[B]`` diffusion times, or with ``noise_sampling="adaptive"`` positions ``u`` in
-        ``[0, 1]`` of ``gamma = gamma_0 + u (gamma_1 - gamma_0)``.
+      t: ``[B]`` diffusion times, or with ``noise_sampling="adaptive"`` or ``"band"`` positions
+        ``u`` in ``[0, 1]`` of ``gamma = gamma_0 + u (gamma_1 - gamma_0)``.
       s: ``[B]`` the previous times ``t - 1/T`` in discrete time (``t`` in continuous time).
       density: ``[B]`` the density ``q(u)`` that ``t`` was drawn from (ones for uniform times).
       eps: ``[B, H, W, C]`` the noise of ``z_t``.
@@ -252,12 +263,25 @@ def _sample_times(model: VDM, key: jax.Array, batch: int):
     return i / T, (i - 1.0) / T
 
 
-def draw_noise(model: VDM, key: jax.Array, batch_shape, histogram=None) -> NoiseDraws:
+def draw_noise(model: VDM, key: jax.Array, batch_shape, histogram=None, band=None) -> NoiseDraws:
     """The batch's :class:`NoiseDraws`: positions drawn from ``histogram`` (``[2, K]``, see
-    :mod:`jvdm.noise_sampling`) when one is given, else uniform times (as evaluation uses)."""
+    :mod:`jvdm.noise_sampling`) or from the band density on the interval ``band`` of ``u``
+    (:func:`jvdm.noise_sampling.band_positions`) when one is given, else uniform times (as
+    evaluation uses)."""
     k_t, k_eps, k_eps0, k_drop = jax.random.split(key, 4)
     batch = batch_shape[0]
-    if histogram is not None:
+    if histogram is not None and band is not None:
+        raise ValueError("draw_noise takes a histogram or a band, not both")
+    if band is not None:
+        t, density = noise_sampling.band_positions(
+            k_t,
+            batch,
+            band,
+            fraction=model.band_fraction,
+            use_antithetic=model.use_antithetic_time,
+        )
+        s = t
+    elif histogram is not None:
         t, density = noise_sampling.sample_positions(
             k_t,
             batch,
@@ -309,9 +333,9 @@ def bound_terms(
 def schedule_values(model: VDM, noise: NoiseDraws, *, adaptive: bool = False):
     """A function of the schedule's parameters giving the :class:`ScheduleValues` of ``noise``.
 
-    For ``adaptive`` draws (positions ``u`` from a histogram)
-    ``gamma = gamma_0 + u (gamma_1 - gamma_0)`` with Jacobian ``(gamma_1 - gamma_0) / q(u)``: only
-    the end points of the schedule enter.
+    For ``adaptive`` draws (positions ``u`` from a density ``q``: the loss histogram's, or the
+    band's) ``gamma = gamma_0 + u (gamma_1 - gamma_0)`` with Jacobian
+    ``(gamma_1 - gamma_0) / q(u)``: only the end points of the schedule enter.
     """
 
     def values(sched_params) -> ScheduleValues:

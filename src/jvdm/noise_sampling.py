@@ -37,6 +37,13 @@ The histogram is the state ``[2, K]``: row 0 the EMA values, row 1 how many upda
 (a bin's first update sets its value, so nothing is biased towards an initial guess; unvisited
 bins count as the mean of the visited ones).
 
+The same estimator serves a *fixed* density (``noise_sampling="band"``): a share ``f`` of the
+draws uniform on the interval ``[a, b)`` of ``u`` that a band of ``log SNR = -gamma`` occupies
+between the current end points, the rest uniform on ``[0, 1]``,
+``q(u) = (1 - f) + f 1[a <= u < b] / (b - a)``, drawn by its exact inverse CDF
+(:func:`band_positions`). Its use: more training draws at the noise levels where a sample's shape
+is decided (``bench/shape_origin.py``), with the objective unchanged.
+
 References: Kingma & Gao 2023 (arXiv 2303.00848) section 5; VDM (arXiv 2107.00630) eq. 17.
 """
 
@@ -46,7 +53,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-__all__ = ["bin_probabilities", "init_histogram", "sample_positions", "update_histogram"]
+__all__ = [
+    "band_interval",
+    "band_positions",
+    "bin_probabilities",
+    "init_histogram",
+    "sample_positions",
+    "update_histogram",
+]
 
 
 def init_histogram(bins: int) -> Float[Array, "2 K"]:
@@ -86,17 +100,58 @@ def sample_positions(
     """
     probs = bin_probabilities(histogram, uniform_fraction=uniform_fraction)
     k = probs.shape[0]
-    if use_antithetic:
-        t0 = jax.random.uniform(key, ())
-        t = jnp.mod(t0 + jnp.arange(batch, dtype=jnp.float32) / batch, 1.0)
-    else:
-        t = jax.random.uniform(key, (batch,))
+    t = _stratified(key, batch, use_antithetic)
     cdf = jnp.cumsum(probs)
     idx = jnp.clip(jnp.searchsorted(cdf, t, side="right"), 0, k - 1)
     below = jnp.where(idx > 0, cdf[jnp.maximum(idx - 1, 0)], 0.0)
     frac = jnp.clip((t - below) / probs[idx], 0.0, 1.0)
     u = (idx.astype(jnp.float32) + frac) / k
     return u, k * probs[idx]
+
+
+def _stratified(key: jax.Array, batch: int, use_antithetic: bool) -> Array:
+    if use_antithetic:
+        t0 = jax.random.uniform(key, ())
+        return jnp.mod(t0 + jnp.arange(batch, dtype=jnp.float32) / batch, 1.0)
+    return jax.random.uniform(key, (batch,))
+
+
+def band_interval(g_0, g_1, band_log_snr: tuple[float, float]) -> tuple[Array, Array]:
+    """``(a, b)``: where the band ``lo <= log SNR < hi`` lies in ``u``, ``gamma = g_0 + u (g_1 -
+    g_0)``, clipped to ``[0, 1]`` (``a = b`` for a band outside the end points' range)."""
+    lo, hi = band_log_snr
+    delta = g_1 - g_0
+    a = jnp.clip((-hi - g_0) / delta, 0.0, 1.0)
+    b = jnp.clip((-lo - g_0) / delta, 0.0, 1.0)
+    return a, b
+
+
+def band_positions(
+    key: jax.Array,
+    batch: int,
+    interval: tuple[Array, Array],
+    *,
+    fraction: float,
+    use_antithetic: bool = True,
+) -> tuple[Float[Array, " B"], Float[Array, " B"]]:
+    """``(u, q(u))`` from ``q(u) = (1 - f) + f 1[a <= u < b] / (b - a)`` on ``[0, 1]``.
+
+    The exact inverse of the piecewise-linear CDF ``F(u) = (1 - f) u + f clip((u - a) / (b - a),
+    0, 1)``, applied to uniform ``t`` (stratified over the batch with ``use_antithetic``); the
+    density is that of the piece each ``t`` fell in. An empty interval (``a = b``) gives the
+    uniform density.
+    """
+    a, b = (jnp.asarray(v, jnp.float32) for v in interval)
+    width = b - a
+    f = jnp.where(width > 0.0, jnp.float32(fraction), 0.0)
+    t = _stratified(key, batch, use_antithetic)
+    keep = 1.0 - f  # density outside the band
+    inside = keep + f / jnp.where(width > 0.0, width, 1.0)
+    f_a, f_b = keep * a, keep * b + f  # F(a), F(b)
+    below, within = t < f_a, t < f_b
+    u = jnp.where(below, t / keep, jnp.where(within, a + (t - f_a) / inside, (t - f) / keep))
+    density = jnp.where(below | ~within, keep, inside)
+    return jnp.clip(u, 0.0, 1.0), density
 
 
 def update_histogram(

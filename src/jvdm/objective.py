@@ -128,11 +128,11 @@ def _bound_grads(model, den_params, images, sv: ScheduleValues, noise, *, train,
     return (loss, bpd), (g_den, c_t, c_dt, c_s, c_0, c_1)
 
 
-def _updated_histogram(model, histogram, noise, sv: ScheduleValues, train_diffusion, adaptive):
+def _updated_histogram(model, histogram, noise, sv: ScheduleValues, train_diffusion, positional):
     """The histogram after this batch: each example's loss per unit ``gamma`` at its position."""
     if model.timesteps:  # no density over gamma in discrete time: the histogram stays as it is
         return histogram
-    if adaptive:
+    if positional:  # drawn as positions u between the end points
         u = noise.t
     else:  # where gamma(t) lies between the end points
         u = jnp.clip((sv.g_t - sv.g_0) / (sv.g_1 - sv.g_0), 0.0, 1.0)
@@ -223,14 +223,27 @@ def loss_and_grads(
       micro_batches: gradient-accumulation micro-batches; must divide ``B``.
       histogram: ``[2, K]`` the loss histogram (see :mod:`jvdm.noise_sampling`); ``None`` for an
         empty one. Sampling uses it with ``noise_sampling="adaptive"``; it is updated either way.
+        With ``noise_sampling="band"`` the draws come from the fixed band density instead
+        (:func:`jvdm.noise_sampling.band_positions`), the end points read before the step.
     """
     model = params.model
     _check_batch(model, images, micro_batches)
     if histogram is None:
         histogram = noise_sampling.init_histogram(model.histogram_bins)
     adaptive = model.noise_sampling == "adaptive"
-    noise = model_lib.draw_noise(model, key, images.shape, histogram if adaptive else None)
-    values = model_lib.schedule_values(model, noise, adaptive=adaptive)
+    band = None
+    if model.noise_sampling == "band":
+        # The band's interval of u between the end points as they are before the step; the draws
+        # are constants of the step, as the histogram's are.
+        ends = model.schedule.apply(params.schedule, jnp.array([0.0, 1.0], jnp.float32))
+        ends = jax.lax.stop_gradient(ends)
+        band = noise_sampling.band_interval(ends[0], ends[1], model.band_log_snr)
+    noise = model_lib.draw_noise(
+        model, key, images.shape, histogram if adaptive else None, band=band
+    )
+    # Positions u with a density (histogram or band): gamma is read off the end points alone.
+    positional = model.noise_sampling != "uniform_t"
+    values = model_lib.schedule_values(model, noise, adaptive=positional)
     sv, sched_vjp = jax.vjp(values, params.schedule)
     (loss, bpd), (g_den, *cot) = _bound_grads(
         model, params.denoiser, images, sv, noise, train=train, k=micro_batches
@@ -246,5 +259,5 @@ def loss_and_grads(
     metrics["diffusion_bpd_var"] = jnp.var(bpd["diffusion_bpd"])
     metrics["gamma_min"] = sv.g_0
     metrics["gamma_max"] = sv.g_1
-    new_histogram = _updated_histogram(model, histogram, noise, sv, train_diffusion, adaptive)
+    new_histogram = _updated_histogram(model, histogram, noise, sv, train_diffusion, positional)
     return TrainingLoss(loss, metrics, grads, new_histogram)

@@ -42,7 +42,7 @@ SAMPLER_GRIDS = ("time", "lambda")
 PREDICTIONS = ("eps", "x0", "v")  # what the denoiser outputs
 # w(lambda) of the training loss
 WEIGHTINGS = ("elbo", "sigmoid", "elbo_sigmoid", "edm", "edm_monotone", "v_mse")
-NOISE_SAMPLINGS = ("uniform_t", "adaptive")  # how training draws the noise levels
+NOISE_SAMPLINGS = ("uniform_t", "adaptive", "band")  # how training draws the noise levels
 # how the learned schedule's interior estimates the gradient of the loss variance
 VARIANCE_GRADIENTS = ("density", "pathwise")
 
