@@ -6,8 +6,9 @@ log SNR [-4, 0] and the rest uniformly between the learned end points, importanc
 objective is unchanged (the schedule's interior then sets no draw). `bench/shape_origin.py` found
 the samples' distance from real digits made between log SNR -3.2 and -0.7, where the learned
 schedule puts 9% of its draws (linear: 14%; here: 34%). On the validation slice over three seeds
-(bench/RESULTS.md, issue 17): FD 5.1 +- 2.3 lower than the linear schedule's at its bound (+0.003 +-
-0.004 bpd), 0.032 +- 0.004 bpd above the learned schedule's, the classifier's confidence unchanged.
+(bench/RESULTS.md, issue 17): FD 4.7 +- 3.7 lower than the linear schedule's at its bound (-0.002
++- 0.003 bpd) and confidence; FD 12.4 +- 1.3 lower than the learned schedule's (every seed), at a
+bound 0.027 +- 0.004 bpd higher.
 """
 
 import pathlib
