@@ -46,6 +46,8 @@ Densities (values of ``q`` at the points; every one integrates to 1 over ``[0, 1
 * ``"adaptive"`` (only with a ``histogram``): the piecewise-constant density that
   ``noise_sampling="adaptive"`` draws from, ``K_h p_k`` on bin ``k``
   (:func:`jvdm.noise_sampling.bin_probabilities`).
+* ``"band"`` (only for a model with ``noise_sampling="band"``): the density it draws from,
+  ``(1 - f) + f 1[a <= u < b] / (b - a)`` (:func:`jvdm.noise_sampling.band_positions`).
 * ``"optimal"``: ``q* ∝ sqrt(E[g^2])``, the minimiser of ``E_x V_q(x)`` over densities that do not
   depend on the example, piecewise constant on the ``K`` strata and fitted to the batch's points
   it is then evaluated on. A lower bound for every schedule and histogram, optimistic by
@@ -94,7 +96,7 @@ __all__ = [
     "points",
 ]
 
-DENSITIES = ("learned", "linear", "cosine", "adaptive", "optimal")
+DENSITIES = ("learned", "linear", "cosine", "adaptive", "band", "optimal")
 DEFAULT_GRID = 128
 _INVERSE_GRID = 8192  # intervals of the time grid on which the model's schedule is inverted
 
@@ -177,6 +179,12 @@ def _densities(params, gamma, ends, histogram) -> dict[str, jax.Array]:
         k = probs.shape[0]
         u = (gamma - g_0) / delta
         out["adaptive"] = k * probs[jnp.clip(jnp.floor(u * k).astype(jnp.int32), 0, k - 1)]
+    if model.noise_sampling == "band":
+        a, b = noise_sampling.band_interval(g_0, g_1, model.band_log_snr)
+        u = (gamma - g_0) / delta
+        f = jnp.where(b > a, model.band_fraction, 0.0)
+        inside = (u >= a) & (u < b)
+        out["band"] = (1.0 - f) + jnp.where(inside, f / jnp.where(b > a, b - a, 1.0), 0.0)
     return out
 
 
@@ -275,6 +283,6 @@ def per_example(
 
     Returns:
       :class:`LossVariance`, in bpd and bpd^2, with the densities of :data:`DENSITIES`
-      (``"adaptive"`` only with a histogram).
+      (``"adaptive"`` only with a histogram, ``"band"`` only for a model that draws from it).
     """
     return combine(points(params, images, key, grid=grid, histogram=histogram), objective=objective)
