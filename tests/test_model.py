@@ -17,7 +17,7 @@ import pytest
 
 from gaussian_models import GaussianDenoiser
 from jvdm import model as model_lib
-from jvdm import objective
+from jvdm import noise_draws, objective
 from jvdm.nn import gamma as gamma_lib
 
 M, S = 0.3, 0.5
@@ -151,11 +151,11 @@ def test_antithetic_times_cover_unit_interval_for_any_batch():
         denoiser=GaussianDenoiser(M, S), schedule=gamma_lib.FixedLinearGamma(), image_shape=SHAPE
     )
     for b in (1, 3, 7, 64):
-        t, _ = model_lib._sample_times(model, jax.random.key(b), b)
+        t, _ = noise_draws._sample_times(model, jax.random.key(b), b)
         t = np.sort(np.asarray(t))
         assert t.shape == (b,) and np.all((t >= 0) & (t < 1))
         np.testing.assert_allclose(np.diff(t), 1.0 / b, atol=1e-5)
-    t, s = model_lib._sample_times(dataclasses.replace(model, timesteps=10), jax.random.key(0), 9)
+    t, s = noise_draws._sample_times(dataclasses.replace(model, timesteps=10), jax.random.key(0), 9)
     np.testing.assert_allclose(np.asarray(t) - np.asarray(s), 0.1, atol=1e-6)
     assert np.all(np.asarray(s) >= 0) and np.all(np.asarray(t) <= 1)
 

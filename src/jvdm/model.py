@@ -15,9 +15,10 @@ The maths lives in :mod:`jvdm.losses`; this module only composes it. The diffusi
 one-sample Monte Carlo estimate over ``t`` and ``eps``; with ``use_antithetic_time`` the batch's
 times are stratified, ``t_i = (u + i / B) mod 1``, which works for every batch size. Training
 may weight the diffusion term (:mod:`jvdm.weighting`) and draw the noise level from a histogram
-(:mod:`jvdm.noise_sampling`, ``noise_sampling="adaptive"``); :func:`loss_terms` is always the
-ELBO with uniform times, whatever the training objective. The gradients used to train are in
-:mod:`jvdm.objective`; building a model from a config is :mod:`jvdm.build`.
+or a band (:mod:`jvdm.noise_sampling`; the draws are made in :mod:`jvdm.noise_draws`);
+:func:`loss_terms` is always the ELBO with uniform times, whatever the training objective. The
+gradients used to train are in :mod:`jvdm.objective`; building a model from a config is
+:mod:`jvdm.build`.
 
 Parameterisations: the denoiser may predict ``eps``, ``x0`` or ``v = alpha eps - sigma x``. All
 three are turned into the same eps-space residual without dividing by a small ``sigma`` or
@@ -29,15 +30,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jvdm import losses, noise_sampling, validate, weighting
-from jvdm.nn import gamma as gamma_lib
+from jvdm import losses, validate, weighting
+from jvdm.noise_draws import NoiseDraws, ScheduleValues, draw_noise, schedule_values
 from jvdm.validate import NOISE_SAMPLINGS, PREDICTIONS, VARIANCE_GRADIENTS
 
 ENDPOINT_NAMES = ("gamma_min", "gamma_max")
@@ -214,89 +215,6 @@ def _eps_residual_pair(pred: str, out, x, eps, g):
     return alpha * v, alpha * out
 
 
-class NoiseDraws(NamedTuple):
-    """The randomness of one estimate of the bound, drawn for the whole batch.
-
-    Attributes:
-      t: ``[B]`` diffusion times, or with ``noise_sampling="adaptive"`` or ``"band"`` positions
-        ``u`` in ``[0, 1]`` of ``gamma = gamma_0 + u (gamma_1 - gamma_0)``.
-      s: ``[B]`` the previous times ``t - 1/T`` in discrete time (``t`` in continuous time).
-      density: ``[B]`` the density ``q(u)`` that ``t`` was drawn from (ones for uniform times).
-      eps: ``[B, H, W, C]`` the noise of ``z_t``.
-      eps0: ``[B, H, W, C]`` the noise of ``z_0`` (reconstruction term).
-      key_dropout: the dropout key.
-    """
-
-    t: jax.Array
-    s: jax.Array
-    density: jax.Array
-    eps: jax.Array
-    eps0: jax.Array
-    key_dropout: jax.Array
-
-
-class ScheduleValues(NamedTuple):
-    """Every value of the schedule the bound uses: ``g_t, dg_t, g_s`` ``[B]``, ``g_0, g_1`` ``[]``.
-
-    ``dg_t`` is the Jacobian ``dgamma/dt`` of the estimator: ``gamma'(t)`` for uniform times,
-    ``(gamma_1 - gamma_0) / q(u)`` for adaptive draws.
-    """
-
-    g_t: jax.Array
-    dg_t: jax.Array
-    g_s: jax.Array
-    g_0: jax.Array
-    g_1: jax.Array
-
-
-def _sample_times(model: VDM, key: jax.Array, batch: int):
-    """Diffusion times ``t`` (and ``s = t - 1/T`` in discrete time), shape ``[B]``."""
-    if model.use_antithetic_time:
-        u = jax.random.uniform(key, ())
-        t = jnp.mod(u + jnp.arange(batch, dtype=jnp.float32) / batch, 1.0)
-    else:
-        t = jax.random.uniform(key, (batch,))
-    T = model.timesteps
-    if T == 0:
-        return t, t
-    i = jnp.clip(jnp.floor(t * T) + 1.0, 1.0, T)
-    return i / T, (i - 1.0) / T
-
-
-def draw_noise(model: VDM, key: jax.Array, batch_shape, histogram=None, band=None) -> NoiseDraws:
-    """The batch's :class:`NoiseDraws`: positions drawn from ``histogram`` (``[2, K]``, see
-    :mod:`jvdm.noise_sampling`) or from the band density on the interval ``band`` of ``u``
-    (:func:`jvdm.noise_sampling.band_positions`) when one is given, else uniform times (as
-    evaluation uses)."""
-    k_t, k_eps, k_eps0, k_drop = jax.random.split(key, 4)
-    batch = batch_shape[0]
-    if histogram is not None and band is not None:
-        raise ValueError("draw_noise takes a histogram or a band, not both")
-    if band is not None:
-        t, density = noise_sampling.band_positions(
-            k_t,
-            batch,
-            band,
-            fraction=model.band_fraction,
-            use_antithetic=model.use_antithetic_time,
-        )
-        s = t
-    elif histogram is not None:
-        t, density = noise_sampling.sample_positions(
-            k_t,
-            batch,
-            histogram,
-            uniform_fraction=model.histogram_uniform_fraction,
-            use_antithetic=model.use_antithetic_time,
-        )
-        s = t
-    else:
-        (t, s), density = _sample_times(model, k_t, batch), jnp.ones((batch,), jnp.float32)
-    eps = jax.random.normal(k_eps, batch_shape, jnp.float32)
-    eps0 = jax.random.normal(k_eps0, batch_shape, jnp.float32)
-    return NoiseDraws(t, s, density, eps, eps0, k_drop)
-
-
 def _check_images(model: VDM, images: jax.Array) -> None:
     validate.check_images(images, model.image_shape)
 
@@ -328,30 +246,6 @@ def bound_terms(
     prior = losses.prior_kl_from_gamma(x, sv.g_1)
     diffusion = _diffusion_term(model, den_params, x, noise.eps, sv, noise.key_dropout, train=train)
     return {"recon": recon, "prior": prior, "diffusion": diffusion}
-
-
-def schedule_values(model: VDM, noise: NoiseDraws, *, adaptive: bool = False):
-    """A function of the schedule's parameters giving the :class:`ScheduleValues` of ``noise``.
-
-    For ``adaptive`` draws (positions ``u`` from a density ``q``: the loss histogram's, or the
-    band's) ``gamma = gamma_0 + u (gamma_1 - gamma_0)`` with Jacobian
-    ``(gamma_1 - gamma_0) / q(u)``: only the end points of the schedule enter.
-    """
-
-    def values(sched_params) -> ScheduleValues:
-        fn = lambda u: model.schedule.apply(sched_params, u)
-        ends = lambda: fn(jnp.array([0.0, 1.0], jnp.float32))
-        if adaptive:
-            g_0, g_1 = ends()
-            g_t = g_0 + noise.t * (g_1 - g_0)
-            return ScheduleValues(g_t, (g_1 - g_0) / noise.density, g_t, g_0, g_1)
-        # This order of evaluation fixes the order in which the VJP sums the end points' gradients.
-        g_t, dg_t = gamma_lib.gamma_and_derivative(fn, noise.t)
-        g_s = fn(noise.s) if model.timesteps else g_t
-        g_0, g_1 = ends()
-        return ScheduleValues(g_t, dg_t, g_s, g_0, g_1)
-
-    return values
 
 
 def diffusion_loss(params: VDMParams, x: jax.Array, key: jax.Array, *, train: bool = False):
