@@ -47,32 +47,24 @@ def _program(steps: int):
     import jax
     import jax.numpy as jnp
 
-    from jvdm import decoder
+    from jvdm import decoder, sampling
     from jvdm import model as model_lib
-    from jvdm.samplers import SAMPLERS, gamma_grid, run
+    from jvdm.samplers import SAMPLERS, _alpha_sigma, gamma_grid, run
 
     @functools.partial(jax.jit, static_argnames=("k",))
     def restart(params, pixels, keys, *, k):
-        """Noise ``pixels`` to grid point ``k``, run ancestral to 0 and decode; and x0_hat at k."""
-        model = params.model
-        x = decoder.scale_pixels(pixels, model.vocab_size)
+        """Noise ``pixels`` to grid point ``k``, run ancestral to 0 and decode; and x0_hat at k.
+        The per-image noise and the decoder are :func:`jvdm.sampling.sample`'s own."""
+        x = decoder.scale_pixels(pixels, params.model.vocab_size)
         shape = x.shape[1:]
-
-        def normal(tag):
-            return jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, tag), shape))(
-                keys
-            )
-
+        normal = lambda tag: sampling._per_image_normal(keys, shape, tag)
         g = gamma_grid(params, steps, "lambda")[k:]
-        alpha, sigma = jnp.sqrt(jax.nn.sigmoid(-g[0])), jnp.sqrt(jax.nn.sigmoid(g[0]))
+        alpha, sigma = _alpha_sigma(g[0])
         z = alpha * x + sigma * normal(0)
         _, x0_hat = model_lib.predict_eps_x0(params, z, g[0])
         if g.shape[0] > 1:
             z = run(params, SAMPLERS["ancestral"], z, g, 0.0, lambda i: normal(i + 1 + k))
-        u = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, steps + 1), shape))(
-            keys
-        )
-        out = decoder.decoder_sample(u, z, g[-1], model.vocab_size).astype(jnp.uint8)
+        out = sampling._decode(params, z, keys, steps)
         x0_pixels = jnp.clip(jnp.round((x0_hat + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
         return out, x0_pixels, -g[0]
 

@@ -48,6 +48,7 @@ _SOURCES: dict[str, str] = {
     "log_diffusion_weight": "jvdm.weighting",
     "weighted_diffusion_loss": "jvdm.weighting",
     "WEIGHTINGS": "jvdm.weighting",
+    "band_density": "jvdm.noise_sampling",
     "band_interval": "jvdm.noise_sampling",
     "band_positions": "jvdm.noise_sampling",
     "bin_probabilities": "jvdm.noise_sampling",

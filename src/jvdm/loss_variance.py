@@ -180,11 +180,9 @@ def _densities(params, gamma, ends, histogram) -> dict[str, jax.Array]:
         u = (gamma - g_0) / delta
         out["adaptive"] = k * probs[jnp.clip(jnp.floor(u * k).astype(jnp.int32), 0, k - 1)]
     if model.noise_sampling == "band":
-        a, b = noise_sampling.band_interval(g_0, g_1, model.band_log_snr)
+        interval = noise_sampling.band_interval(g_0, g_1, model.band_log_snr)
         u = (gamma - g_0) / delta
-        f = jnp.where(b > a, model.band_fraction, 0.0)
-        inside = (u >= a) & (u < b)
-        out["band"] = (1.0 - f) + jnp.where(inside, f / jnp.where(b > a, b - a, 1.0), 0.0)
+        out["band"] = noise_sampling.band_density(u, interval, fraction=model.band_fraction)
     return out
 
 

@@ -54,6 +54,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 __all__ = [
+    "band_density",
     "band_interval",
     "band_positions",
     "bin_probabilities",
@@ -126,6 +127,15 @@ def band_interval(g_0, g_1, band_log_snr: tuple[float, float]) -> tuple[Array, A
     return a, b
 
 
+def band_density(u, interval: tuple[Array, Array], *, fraction: float) -> Array:
+    """``q(u) = (1 - f) + f 1[a <= u < b] / (b - a)`` at positions ``u``; the uniform density
+    for an empty interval (``a = b``)."""
+    a, b = interval
+    width = b - a
+    f = jnp.where(width > 0.0, jnp.float32(fraction), 0.0)
+    return (1.0 - f) + jnp.where((u >= a) & (u < b), f / jnp.where(width > 0.0, width, 1.0), 0.0)
+
+
 def band_positions(
     key: jax.Array,
     batch: int,
@@ -146,7 +156,7 @@ def band_positions(
     f = jnp.where(width > 0.0, jnp.float32(fraction), 0.0)
     t = _stratified(key, batch, use_antithetic)
     keep = 1.0 - f  # density outside the band
-    inside = keep + f / jnp.where(width > 0.0, width, 1.0)
+    inside = keep + f / jnp.where(width > 0.0, width, 1.0)  # band_density's two values
     f_a, f_b = keep * a, keep * b + f  # F(a), F(b)
     below, within = t < f_a, t < f_b
     u = jnp.where(below, t / keep, jnp.where(within, a + (t - f_a) / inside, (t - f) / keep))
