@@ -147,21 +147,19 @@ def band_positions(
     """``(u, q(u))`` from ``q(u) = (1 - f) + f 1[a <= u < b] / (b - a)`` on ``[0, 1]``.
 
     The exact inverse of the piecewise-linear CDF ``F(u) = (1 - f) u + f clip((u - a) / (b - a),
-    0, 1)``, applied to uniform ``t`` (stratified over the batch with ``use_antithetic``); the
-    density is that of the piece each ``t`` fell in. An empty interval (``a = b``) gives the
-    uniform density.
+    0, 1)``, applied to uniform ``t`` (stratified over the batch with ``use_antithetic``), and
+    :func:`band_density` at the draws. An empty interval (``a = b``) gives the uniform density.
     """
     a, b = (jnp.asarray(v, jnp.float32) for v in interval)
     width = b - a
     f = jnp.where(width > 0.0, jnp.float32(fraction), 0.0)
     t = _stratified(key, batch, use_antithetic)
     keep = 1.0 - f  # density outside the band
-    inside = keep + f / jnp.where(width > 0.0, width, 1.0)  # band_density's two values
+    inside = keep + f / jnp.where(width > 0.0, width, 1.0)  # the density in the band
     f_a, f_b = keep * a, keep * b + f  # F(a), F(b)
-    below, within = t < f_a, t < f_b
-    u = jnp.where(below, t / keep, jnp.where(within, a + (t - f_a) / inside, (t - f) / keep))
-    density = jnp.where(below | ~within, keep, inside)
-    return jnp.clip(u, 0.0, 1.0), density
+    u = jnp.where(t < f_a, t / keep, jnp.where(t < f_b, a + (t - f_a) / inside, (t - f) / keep))
+    u = jnp.clip(u, 0.0, 1.0)
+    return u, band_density(u, (a, b), fraction=fraction)
 
 
 def update_histogram(
