@@ -139,6 +139,9 @@ def _add_training_sections(c: ml_collections.ConfigDict) -> None:
     # Micro-batches per step: gradients of batch_size / k images at a time, summed, one update.
     c.train.grad_accum_steps = 1
     c.train.steps = 1800
+    # Seconds of training steps (0: off). With a budget the run times its own step first and trains
+    # for as many steps as fit, a multiple of 100 and at most train.steps (jvdm.time_budget).
+    c.train.time_budget_s = 0.0
     c.train.log_every = 50
     c.train.eval_every = 1800
     c.train.checkpoint_every = 500

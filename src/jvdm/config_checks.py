@@ -137,6 +137,12 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(o.grad_clip > 0, "optimizer.grad_clip", o.grad_clip, "must be positive")
     need(t.batch_size > 0, "train.batch_size", t.batch_size, "must be positive")
     need(t.steps > 0, "train.steps", t.steps, "must be positive")
+    need(
+        0.0 <= t.time_budget_s < float("inf"),
+        "train.time_budget_s",
+        t.time_budget_s,
+        "must be finite and >= 0 (seconds of training steps; 0: train for train.steps)",
+    )
     need(t.grad_accum_steps > 0, "train.grad_accum_steps", t.grad_accum_steps, "must be positive")
     for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
         need(t[name] > 0, f"train.{name}", t[name], "must be positive")

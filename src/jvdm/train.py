@@ -12,6 +12,8 @@ A work directory, written by :func:`train_and_evaluate` (a run resumes from it w
   (``eval/...``), and ``tensorboard/`` — the same as TensorBoard events;
 * ``samples_<step>.png``, ``gamma_<step>.png``, ``bpd.png`` — sample grids, the learned schedule
   and the bpd curves at every evaluation;
+* ``time_budget.json`` — the step count that ``train.time_budget_s`` chose
+  (:mod:`jvdm.time_budget`);
 * ``loss_variance.png`` — the variance of the diffusion-loss estimate under several densities of
   the noise level (``variance/...`` in the metrics; :mod:`jvdm.loss_variance`).
 """
@@ -192,20 +194,38 @@ def _train(config, workdir, mesh, step_callback, is_main) -> dict[str, Any]:
         init_key, train_key, eval_key, variance_key = run_keys(t.seed)  # the only derivation
         fresh = functools.partial(create_train_state, spec, init_key, mesh=mesh)
         start, state = _resume_or_init(config, workdir, manager, abstract, fresh, is_main)
+        loader = _make_loader(config, mesh, start)
+        train_key = parallel.replicate(train_key, mesh)
+        if t.time_budget_s > 0:  # decides (or reads back) train.steps; config is a copy after
+            from jvdm import time_budget
+
+            step_fn = functools.partial(train_step, grad_accum_steps=int(t.grad_accum_steps))
+            config, state = time_budget.resolve(
+                config,
+                workdir,
+                state,
+                start,
+                step_fn,
+                fresh,
+                loader.batch(0),
+                train_key,
+                mesh,
+                respec=state_spec,
+            )
         writer = train_log.MetricsWriter(workdir, start)
         run = train_run.Run(
             workdir=workdir,
             mesh=mesh,
             manager=manager,
             writer=writer,
-            train_key=parallel.replicate(train_key, mesh),
+            train_key=train_key,
             eval_key=eval_key,
             variance_key=variance_key,
             step_callback=step_callback,
             image_shape=tuple(abstract.params.model.image_shape),
-            **_loop_settings(config),
+            **train_run.loop_settings(config),
         )
-        state, done, stopped, logged = _loop(run, state, _make_loader(config, mesh, start), start)
+        state, done, stopped, logged = _loop(run, state, loader, start)
         manager.wait_until_finished()
         summary = _summary(run, state, done, stopped, logged)
         if stopped or not t.use_final_eval:
@@ -240,41 +260,6 @@ def _resume_or_init(config, workdir, manager, abstract, fresh: Callable[[], Trai
         print(f"resuming {workdir} from step {start}" + (f" ({notes})" if notes else ""))
     run_config.save_config(config, workdir)
     return start, state
-
-
-def _loop_settings(config) -> dict[str, Any]:
-    """The plain values of ``config`` that the loop and its evaluations use (read once, here)."""
-    t, e, d = config.train, config.eval, config.data
-    return dict(
-        steps=int(t.steps),
-        batch_size=int(t.batch_size),
-        grad_accum_steps=int(t.grad_accum_steps),
-        log_every=int(t.log_every),
-        checkpoint_every=int(t.checkpoint_every),
-        eval_every=int(t.eval_every),
-        max_consecutive_nonfinite=int(t.max_consecutive_nonfinite),
-        eval_draws=int(e.draws),
-        dataset=str(d.name),
-        eval_spec=train_log.EvalSpec(
-            dataset=d.name,
-            split=d.eval_split,
-            data_dir=d.data_dir,
-            batch_size=int(e.batch_size),
-            num_samples=int(e.num_samples),
-            sample_steps=int(e.sample_steps),
-            sampler=str(e.sampler),
-            use_quality=bool(e.use_quality),
-            sample_grid=e.sample_grid,
-        ),
-        variance_spec=train_log.VarianceSpec(
-            every=int(t.variance_every),
-            num_images=int(t.variance_images),
-            dataset=d.name,
-            split=d.train_split,
-            data_dir=d.data_dir,
-            grid=int(t.variance_grid),
-        ),
-    )
 
 
 def _make_loader(config, mesh: Mesh, start: int):

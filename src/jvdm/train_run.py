@@ -21,7 +21,8 @@ from jax.sharding import Mesh
 from jvdm import train_log
 from jvdm.train_state import TrainState
 
-__all__ = ["Run", "Saver", "StopFlag", "every", "progress", "should_stop", "stop_on_signals"]
+__all__ = ["Run", "Saver", "StopFlag", "every", "loop_settings", "progress", "should_stop"]
+__all__ += ["stop_on_signals"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,41 @@ class Run:
     dataset: str
     eval_spec: train_log.EvalSpec
     variance_spec: train_log.VarianceSpec
+
+
+def loop_settings(config) -> dict[str, Any]:
+    """The plain values of ``config`` that the loop and its evaluations use (read once, here)."""
+    t, e, d = config.train, config.eval, config.data
+    return dict(
+        steps=int(t.steps),
+        batch_size=int(t.batch_size),
+        grad_accum_steps=int(t.grad_accum_steps),
+        log_every=int(t.log_every),
+        checkpoint_every=int(t.checkpoint_every),
+        eval_every=int(t.eval_every),
+        max_consecutive_nonfinite=int(t.max_consecutive_nonfinite),
+        eval_draws=int(e.draws),
+        dataset=str(d.name),
+        eval_spec=train_log.EvalSpec(
+            dataset=d.name,
+            split=d.eval_split,
+            data_dir=d.data_dir,
+            batch_size=int(e.batch_size),
+            num_samples=int(e.num_samples),
+            sample_steps=int(e.sample_steps),
+            sampler=str(e.sampler),
+            use_quality=bool(e.use_quality),
+            sample_grid=e.sample_grid,
+        ),
+        variance_spec=train_log.VarianceSpec(
+            every=int(t.variance_every),
+            num_images=int(t.variance_images),
+            dataset=d.name,
+            split=d.train_split,
+            data_dir=d.data_dir,
+            grid=int(t.variance_grid),
+        ),
+    )
 
 
 def every(n: int, done: int, last: int | None = None) -> bool:
