@@ -54,7 +54,7 @@ def runs(tmp_path_factory):
 
     def measure(step_fn, make_state, batch, key, *, blocks, per_block):
         calls.append(blocks * per_block)
-        return 1.0, SECONDS_PER_STEP
+        return 1.0, SECONDS_PER_STEP, (SECONDS_PER_STEP,) * blocks
 
     def preempt(step, state):
         if step == 37:
@@ -128,7 +128,7 @@ def test_measure_times_a_scratch_state_and_leaves_the_run_alone(runs):
     images = np.zeros((config.train.batch_size, 28, 28, 1), np.uint8)
     batch = {"image": parallel.shard_batch(images, mesh)}
     train_key = parallel.replicate(train_lib.run_keys(0)[1], mesh)
-    compile_s, per_step = time_budget.measure(
+    compile_s, per_step, means = time_budget.measure(
         functools.partial(train_lib.train_step, grad_accum_steps=1),
         scratch,
         batch,
@@ -136,7 +136,7 @@ def test_measure_times_a_scratch_state_and_leaves_the_run_alone(runs):
         blocks=3,
         per_block=2,
     )
-    assert made == [1]
+    assert made == [1] and len(means) == 3 and per_step == np.median(means)
     assert 0 < per_step < compile_s + 60 and np.isfinite(per_step) and compile_s > 0
     assert not any(x.is_deleted() for x in jax.tree.leaves(mine.params))
     assert_identical(jax.device_get(mine.params), before)
@@ -152,6 +152,7 @@ def test_a_budgeted_run_is_the_fixed_run_of_its_decision(runs):
         record = json.load(f)
     assert record["steps"] == DECIDED and record["cap"] == CAP and record["budget_s"] == BUDGET
     assert record["seconds_per_step"] == SECONDS_PER_STEP and record["timed_steps"] == 32
+    assert record["block_means"] == [SECONDS_PER_STEP] * 4
     assert time_budget.load(budget_dir).steps == DECIDED
     # The saved config is the one asked for (the cap), so the run resumes with the same request.
     with open(os.path.join(budget_dir, "config.json")) as f:
@@ -190,7 +191,7 @@ def test_bad_budgets_fail_with_one_line_and_write_nothing(tmp_path, monkeypatch)
 
     # A budget that fits no steps: a one-line error before the first update, no checkpoint and
     # no decision written.
-    monkeypatch.setattr(time_budget, "measure", lambda *a, **kw: (1.0, 10.0))
+    monkeypatch.setattr(time_budget, "measure", lambda *a, **kw: (1.0, 10.0, (10.0,)))
     workdir = str(tmp_path / "small")
     with pytest.raises(JvdmUserError, match="fits 3 steps") as err:
         train_lib.train_and_evaluate(budgeted(), workdir)

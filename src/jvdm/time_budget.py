@@ -53,6 +53,7 @@ class Decision:
       timed_steps: how many steps were timed (after the warm calls).
       compile_s: the first call's time (mostly the compile), on process 0.
       decided_at: UTC time of the decision, ISO 8601.
+      block_means: process 0's seconds a step in each timed block (their spread is the noise).
     """
 
     steps: int
@@ -62,11 +63,13 @@ class Decision:
     timed_steps: int
     compile_s: float
     decided_at: str
+    block_means: tuple[float, ...] = ()
 
     def summary(self) -> str:
         return (
             f"time budget {self.budget_s:g} s at {self.seconds_per_step:.4f} s a step "
-            f"(median of {self.timed_steps} timed steps after a {self.compile_s:.1f}-s compile): "
+            f"(median of {len(self.block_means) or 1} blocks, {self.timed_steps} timed steps, "
+            f"after a {self.compile_s:.1f}-s compile): "
             f"{self.steps:,} steps (cap {self.cap:,}); the same run again: "
             f"train.time_budget_s=0 train.steps={self.steps}"
         )
@@ -104,12 +107,14 @@ def _slowest(seconds: float) -> float:
 
 
 def measure(step_fn, make_state, batch, key, *, blocks: int = 4, per_block: int = 8):
-    """``(compile_s, seconds_per_step)`` of ``step_fn(state, batch, key) -> (state, metrics)``.
+    """``(compile_s, seconds_per_step, block_means)`` of a step function
+    ``step_fn(state, batch, key) -> (state, metrics)``.
 
     ``make_state()`` gives a scratch state (donated and discarded: never the run's own). After
     :data:`_WARM_CALLS` untimed calls, ``blocks`` blocks of ``per_block`` steps are timed, each
     ended by waiting for the result; ``seconds_per_step`` is the median of the blocks' means (a
-    block slowed by something else on the machine does not move it), the slowest process's.
+    block slowed by something else on the machine does not move it), the slowest process's;
+    ``block_means`` are this process's.
     """
     state = make_state()
     compile_s = 0.0
@@ -127,14 +132,14 @@ def measure(step_fn, make_state, batch, key, *, blocks: int = 4, per_block: int 
         jax.block_until_ready((state, metrics))
         means.append((time.perf_counter() - start) / per_block)
     del state
-    return compile_s, _slowest(float(np.median(means)))
+    return compile_s, _slowest(float(np.median(means))), tuple(means)
 
 
 def decide(config, step_fn, make_state, local_batch: dict[str, np.ndarray], key, mesh) -> Decision:
     """Times ``step_fn`` on a scratch state and ``local_batch`` (this process's rows), then
     decides the step count for ``config.train.time_budget_s``."""
     batch = {"image": parallel.shard_batch(local_batch["image"], mesh)}
-    compile_s, per_step = measure(
+    compile_s, per_step, means = measure(
         step_fn, make_state, batch, key, blocks=BLOCKS, per_block=PER_BLOCK
     )
     t = config.train
@@ -150,6 +155,7 @@ def decide(config, step_fn, make_state, local_batch: dict[str, np.ndarray], key,
         cap=int(t.steps),
         seconds_per_step=per_step,
         timed_steps=BLOCKS * PER_BLOCK,
+        block_means=means,
         compile_s=compile_s,
         decided_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     )
@@ -177,6 +183,7 @@ def load(workdir: str) -> Decision:
     try:
         with open(path) as f:
             fields: dict[str, Any] = json.load(f)
+        fields["block_means"] = tuple(fields.get("block_means", ()))
         decision = Decision(**fields)
     except FileNotFoundError:
         raise JvdmUserError(
