@@ -1,9 +1,10 @@
 """The default experiment: a continuous-time VDM with a learned noise schedule on mnist_subset.
 
 Sized for at most 15 minutes on a 2-core CPU, install included (`make train EXP=learned_snr`): as
-many steps of batch 16 as fit in 300 s of training steps (about 1,600 on the slower of our 2-core
-CPUs, 3,900 on the faster), at most 5,400, with the model, its prediction and input features,
-batch, learning rate, loss weighting and EMA chosen on the validation slice (bench/RESULTS.md).
+many steps of batch 16 as fit in 300 s of training steps (3,400 in a fresh clone on the 2-core
+EPYC; about 1,400-1,600 estimated for the slower Xeon), at most 5,400, with the model, its
+prediction and input features, batch, learning rate, loss weighting and EMA chosen on the
+validation slice (bench/RESULTS.md).
 """
 
 from jvdm.config import base_config
@@ -38,8 +39,9 @@ def get_config():
     # takes as many steps as fit in 300 s of steps, a multiple of 100, at most 5,400. The bound
     # keeps falling with steps on the validation slice (1.176 bpd at 1,800, 1.106 at 5,400, seed
     # 0, bench/RESULTS.md), so a faster machine spends its 15 minutes on a lower bound instead of
-    # finishing early; 300 s leaves the slower CPU its old 1,800 steps' wall time with the
-    # measurement's extra compile. The 5,400 cap is the longest run validated.
+    # finishing early; 300 s keeps the slower CPU under its old 1,800 fixed steps' wall time (811
+    # s in all) with the measurement's extra compile. The 5,400 cap is the longest run validated.
+    # The samples did not improve with the steps (FD 67 / 65 / 72 at 1,800 / 3,300 / 5,400).
     config.train.steps = 5400
     config.train.time_budget_s = 300.0
     config.train.eval_every = config.train.steps  # one evaluation, at the end

@@ -1,7 +1,8 @@
 """`learned_snr` trained on the VDM++ sigmoid-weighted loss, ``w(lambda) = sigmoid(b - lambda)``.
 
-Same data, model, schedule and budget as `learned_snr`; only the training objective's weighting of
-the noise levels changes (Kingma & Gao 2023, eq. 10). Evaluation still reports the ELBO in bpd.
+The base config otherwise (the data, model and schedule of `learned_snr`, 1,800 fixed steps rather
+than its time budget); the training objective's weighting of the noise levels is the sigmoid alone
+(Kingma & Gao 2023, eq. 10). Evaluation still reports the ELBO in bpd.
 """
 
 from jvdm.config import base_config
