@@ -18,7 +18,7 @@ import ml_collections
 
 from jvdm.errors import JvdmUserError
 from jvdm.run import read_saved_config
-from jvdm.workdir import CONFIG_FILE
+from jvdm.workdir import CONFIG_FILE, write_json
 
 __all__ = ["ARCHITECTURE_FIELDS", "check_config", "config_diff", "save_config"]
 
@@ -65,12 +65,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Writes ``workdir/config.json`` (from process 0 only); returns its path."""
     path = os.path.join(workdir, CONFIG_FILE)
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(_as_json_dict(config), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)  # atomic: a crash never leaves half a config
+        write_json(path, _as_json_dict(config))
     return path
 
 

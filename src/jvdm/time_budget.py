@@ -31,11 +31,11 @@ import numpy as np
 
 from jvdm import parallel
 from jvdm.errors import JvdmUserError
+from jvdm.workdir import BUDGET_FILE, write_json
 
 __all__ = ["BUDGET_FILE", "ROUND", "Decision", "decide", "decide_steps", "load", "measure"]
 __all__ += ["resolve", "save"]
 
-BUDGET_FILE = "time_budget.json"
 ROUND = 100  # the step count is a multiple of this: logs and checkpoints fall on round steps
 _WARM_CALLS = 2  # untimed calls before timing: the first compiles, the second settles caches
 BLOCKS, PER_BLOCK = 4, 8  # timed steps: the median of 4 blocks' means, 8 steps each
@@ -165,11 +165,7 @@ def save(decision: Decision, workdir: str) -> str:
     """Writes ``workdir/time_budget.json`` atomically (process 0 only); returns its path."""
     path = os.path.join(workdir, BUDGET_FILE)
     if jax.process_index() == 0:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(dataclasses.asdict(decision), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_json(path, dataclasses.asdict(decision))
     return path
 
 

@@ -2,7 +2,9 @@
 training: writable, big enough, not shared.
 
 Layout: ``config.json`` (:data:`CONFIG_FILE`), ``checkpoints/<step>/`` (:data:`CHECKPOINT_DIR`),
-``metrics.jsonl`` (:data:`METRICS_FILE`) and the lock file ``.lock`` (:data:`LOCK_FILE`).
+``metrics.jsonl`` (:data:`METRICS_FILE`), ``time_budget.json`` (:data:`BUDGET_FILE`, a budgeted
+run's step count) and the lock file ``.lock`` (:data:`LOCK_FILE`). Its small JSON files are written
+by :func:`write_json`, atomically.
 
 * :func:`check_writable` creates the directory and writes, syncs and deletes a probe file, so a
   path under a regular file, a read-only file system or a missing permission fails in a second
@@ -29,6 +31,7 @@ from collections.abc import Iterator
 from jvdm.errors import JvdmUserError
 
 __all__ = [
+    "BUDGET_FILE",
     "CHECKPOINT_DIR",
     "CONFIG_FILE",
     "LOCK_FILE",
@@ -37,12 +40,26 @@ __all__ = [
     "check_free_space",
     "check_writable",
     "lock",
+    "write_json",
 ]
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"
+BUDGET_FILE = "time_budget.json"
+
+
+def write_json(path: str, tree) -> str:
+    """Writes ``tree`` as indented, key-sorted JSON to ``path`` atomically (a temporary file, then
+    ``os.replace``: a crash never leaves half a file); returns ``path``."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(tree, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
 
 
 class WorkdirError(JvdmUserError):
