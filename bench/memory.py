@@ -60,9 +60,9 @@ def measure(name: str, chunk: int, eval_batch: int) -> dict:
     key = jax.eval_shape(lambda: jax.random.key(0))
     indices = jax.ShapeDtypeStruct((chunk,), jnp.uint32)
     eta = jax.ShapeDtypeStruct((), jnp.float32)
-    kw = dict(steps=2, sampler="ancestral", grid="lambda", sharding=None)
+    kw = dict(steps=2, sampler="ancestral", grid="lambda", gaussian_steps=0, sharding=None)
     out = {"config": name, "image_shape": list(model.image_shape), "chunk": chunk}
-    sample = sampling._sample_chunk.lower(params, key, indices, eta, decode=True, **kw)
+    sample = sampling._sample_chunk.lower(params, key, indices, eta, None, decode=True, **kw)
     out["sample"] = _memory(sample.compile())
     z_0 = jax.ShapeDtypeStruct((chunk, *model.image_shape), jnp.float32)
     keys = jax.ShapeDtypeStruct((chunk,), key.dtype)

@@ -13,9 +13,12 @@ included, so it has seen the validation images' labels; it is a feature extracto
 being selected).
 
 Usage: ``python bench/validation_quality.py RUN[:STEP] [RUN ...] [--n 256] [--steps 50]
-[--sampler ancestral] [--eta 1.0] [--grids default lambda time] [--split-at 4000] [--raw]``.
+[--sampler ancestral] [--eta 1.0] [--grids default lambda time] [--split-at 4000] [--raw]
+[--gaussian-steps 0 8]``.
 ``--grids`` scores each run on each grid (``default`` is the sampler's own, :func:`jvdm.sampling.
 default_grid`); ``--sampler ddim --eta 1`` is the ancestral chain on the ``lambda`` grid.
+``--gaussian-steps`` scores each run with each ``k`` of :func:`jvdm.sample`'s ``gaussian_steps``
+(the first ``k`` steps replaced by the marginal of the Gaussian fitted to ``train[:K]``).
 """
 
 from __future__ import annotations
@@ -89,6 +92,14 @@ def main() -> int:
     )
     parser.add_argument("--split-at", type=int, default=4000)
     parser.add_argument("--raw", action="store_true", help="also score the raw parameters")
+    parser.add_argument(
+        "--gaussian-steps",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="score each run with each k of sampling.sample's gaussian_steps (the Gaussian of "
+        "train[:K] for the first k steps; 0: the model throughout)",
+    )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     load_before = _common.loadavg()
@@ -103,7 +114,10 @@ def main() -> int:
         workdir, _, step = spec.partition(":")
         workdir = pathlib.Path(workdir)
         path = workdir / "checkpoints" / step if step else workdir
-        for raw, grid in itertools.product((False, True) if args.raw else (False,), args.grids):
+        combos = itertools.product(
+            (False, True) if args.raw else (False,), args.grids, args.gaussian_steps
+        )
+        for raw, grid, gaussian_steps in combos:
             params, config, at = _params(path, raw)
             if grid == "default":
                 grid = sampling.default_grid(params.model, args.sampler)
@@ -111,6 +125,13 @@ def main() -> int:
                 scorer = _Scorer(config.data.name, config.data.data_dir, args.split_at)
                 pick = np.random.default_rng(0).choice(len(scorer.fit), args.n, replace=False)
                 floor = scorer(scorer.fit[pick])
+                fit = None
+                if any(args.gaussian_steps):
+                    from jvdm import decoder
+                    from jvdm import reference_denoisers as ref
+
+                    flat = decoder.scale_pixels(scorer.fit, params.model.vocab_size)
+                    fit = ref.fit_gaussian(np.asarray(flat).reshape(len(flat), -1))
             elif config.data.name != scorer.dataset:
                 raise SystemExit(f"{spec}: dataset {config.data.name!r}, not {scorer.dataset!r}")
             start = time.perf_counter()
@@ -122,6 +143,8 @@ def main() -> int:
                 steps=args.steps,
                 sampler=args.sampler,
                 grid=grid,
+                gaussian_fit=fit,
+                gaussian_steps=gaussian_steps,
                 **eta,
             )
             m = config.model
@@ -131,6 +154,7 @@ def main() -> int:
                     "step": at,
                     "params": "params" if raw else "ema_params",
                     "grid": grid,
+                    "gaussian_steps": gaussian_steps,
                     "seconds": time.perf_counter() - start,
                     "final_val_bpd": _final_val_bpd(workdir),
                     "config": {

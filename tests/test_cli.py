@@ -44,6 +44,7 @@ def test_data_prepare_unknown_dataset(capsys):
         (["--config.model.channels=sixteen"], ["model.channels"]),
         (["--config.model.dropout=2.0"], ["config.model.dropout=2.0 is invalid"]),
         (["eval.sample_grid=log"], ["config.eval.sample_grid='log'", "time, lambda"]),
+        (["eval.sample_gaussian_steps=4"], ["sample_gaussian_steps=4 is invalid", "0..3"]),
         (["--config.model.channels"], ["has no value", "--config.model.channels=VALUE"]),
         (["model.channels"], ["unrecognised argument 'model.channels'", "section.field=value"]),
     ],
@@ -217,3 +218,32 @@ def test_score_a_saved_run(tmp_path, capsys):
     assert result["n"] == 8 and result["steps"] == 3 and result["sampler"] == "ddim"
     assert set(result["samples"]) == set(result["real_train"]) >= {"fd", "kid", "precision"}
     assert 0.5 < result["classifier_test_accuracy"] <= 1.0
+
+
+def test_sample_with_a_gaussian_start(tmp_path, capsys, monkeypatch):
+    """``--gaussian-steps K``: the Gaussian of the run's own training split starts the chain."""
+    from jvdm import reference_denoisers as ref
+    from test_evaluate import write_run
+
+    write_run(str(tmp_path), steps=(1,))
+    fitted = []
+    real_fit = ref.fit_split
+
+    def recording(*args):
+        fitted.append(args[:2])
+        return real_fit(*args)
+
+    monkeypatch.setattr(ref, "fit_split", recording)
+    base = ["sample", "--workdir", str(tmp_path), "--n", "8", "--steps", "3"]
+    arrays = {}
+    for k in (0, 2):
+        npy = tmp_path / f"x{k}.npy"
+        argv = base + ["--gaussian-steps", str(k), "--save-npy", str(npy)]
+        argv += ["--out", str(tmp_path / f"g{k}.png")]
+        assert cli.main(argv) == 0
+        assert json.loads(capsys.readouterr().out)["gaussian_steps"] == k
+        arrays[k] = np.load(npy)
+    assert fitted == [("digits", "train")]  # the saved config's dataset and training split
+    assert arrays[2].shape == arrays[0].shape and not np.array_equal(arrays[2], arrays[0])
+    assert cli.main(base + ["--gaussian-steps", "3"]) == 2
+    assert "gaussian_steps=3 must be below steps=3" in _error_line(capsys)

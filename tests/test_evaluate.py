@@ -12,6 +12,7 @@ eq. 13 with the posterior variance ``s^2 / (1 + s^2 SNR)``). The Monte Carlo est
 within 4 standard errors.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -311,3 +312,37 @@ def test_plots(tmp_path, key):
     viz.plot_metrics(metrics, tmp_path / "bpd.png")
     for name in ("gamma.png", "bpd.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_trainers_samples_take_a_gaussian_start_from_the_training_split(tmp_path, monkeypatch):
+    """``eval.sample_gaussian_steps``: evaluate_and_save's samples start from the Gaussian of the
+    training split (not the eval split) and differ from the model's own chain."""
+    from jvdm import reference_denoisers as ref
+    from jvdm import train_log
+
+    state = write_run(str(tmp_path), steps=(1,))[1]
+    spec = train_log.EvalSpec(
+        dataset="digits",
+        split="test",
+        data_dir=None,
+        batch_size=100,
+        num_samples=8,
+        sample_steps=4,
+        sampler="ancestral",
+        use_quality=False,
+        train_split="train",
+    )
+    fitted, real_fit = [], ref.fit_split
+    monkeypatch.setattr(ref, "fit_split", lambda *a: fitted.append(a) or real_fit(*a))
+    key = jax.random.key(0)
+    out = {}
+    for k in (0, 3):
+        workdir = tmp_path / f"k{k}"
+        workdir.mkdir()
+        spec_k = dataclasses.replace(spec, gaussian_steps=k)
+        result = train_log.evaluate_and_save(spec_k, state, str(workdir), 1, draws=1, key=key)
+        out[k] = result
+    assert fitted == [("digits", "train", None, 256)]  # only for k > 0, of the training split
+    # Same evaluation of the bound, different samples.
+    assert out[3]["bpd_mean"] == out[0]["bpd_mean"]
+    assert out[3]["samples_bpd"] != out[0]["samples_bpd"]

@@ -26,8 +26,10 @@ import pytest
 
 from gaussian_models import GaussianDenoiser, perturbed_learned
 from jvdm import model as model_lib
+from jvdm import reference_denoisers as ref
 from jvdm import run as run_lib
 from jvdm import samplers, sampling
+from jvdm.errors import JvdmUserError
 from jvdm.nn import gamma as gamma_lib
 
 M, S = 0.3, 0.5
@@ -56,11 +58,11 @@ def _coef(g):
     return np.sqrt(1.0 / (1.0 + np.exp(g))), np.sqrt(1.0 / (1.0 + np.exp(-g)))  # alpha, sigma
 
 
-def _x0_affine(g):
-    """x0_hat = A z + B for the Gaussian denoiser (the posterior mean E[x | z])."""
+def _x0_affine(g, mean=M, var=S**2):
+    """x0_hat = A z + B for the Gaussian denoiser (the posterior mean E[x | z]) of N(mean, var)."""
     a, s = _coef(g)
-    k = a * S**2 / (a * a * S**2 + s * s)
-    return k, M - k * a * M
+    k = a * var / (a * a * var + s * s)
+    return k, mean - k * a * mean
 
 
 def _data_moments():
@@ -68,8 +70,9 @@ def _data_moments():
     return a0 * M, a0 * a0 * S**2 + s0 * s0  # z_0 = alpha_0 x + sigma_0 eps
 
 
-def _exact_moments(sampler: str, grid, eta: float = 0.0):
-    """Mean and variance (per element) of z_0 after running ``sampler`` on ``grid`` (t=1 -> 0).
+def _exact_moments(sampler: str, grid, eta: float = 0.0, affine=None):
+    """Mean and variance (per element) of z_0 after running ``sampler`` on ``grid`` (t=1 -> 0)
+    from the prior; step ``i``'s denoiser is ``affine(i, gamma)`` (default the data's).
 
     State: the joint Gaussian of (z_i, z_{i-1}), which DPM-Solver's two-step update needs.
     """
@@ -80,7 +83,7 @@ def _exact_moments(sampler: str, grid, eta: float = 0.0):
     for i in range(steps):
         gt, gs = grid[i], grid[i + 1]
         (at, st), (as_, ss) = _coef(gt), _coef(gs)
-        a0, b0 = _x0_affine(gt)
+        a0, b0 = _x0_affine(gt) if affine is None else affine(i, gt)
         # DDIM/ancestral in x0 form: z_s = alpha_s x0 + sigma_s sqrt(1 - eta^2 c) eps_hat + noise,
         # with eps_hat = (z - alpha_t x0) / sigma_t and c = 1 - SNR(t)/SNR(s).
         c = 1.0 - np.exp(gs - gt)
@@ -137,6 +140,69 @@ def test_samplers_match_exact_moments_on_gaussian_data(schedule, sampler, steps,
     assert z.shape == (N_IMAGES, *SHAPE) and z.dtype == np.float32
     mean, var = _exact_moments(sampler, gammas, eta)
     _assert_moments(z, mean, var, (schedule, sampler, steps, eta, grid))
+
+
+def _fit(mean, var):
+    dim = int(np.prod(SHAPE))
+    return ref.GaussianFit(
+        jnp.full((dim,), mean, jnp.float32), jnp.full((dim,), var, jnp.float32), jnp.eye(dim)
+    )
+
+
+@pytest.mark.parametrize(
+    "sampler,steps,k", [("ancestral", 50, 20), ("ddim", 20, 5), ("dpm_solver", 20, 6)]
+)
+def test_gaussian_steps_take_the_first_k_predictions_from_the_fit(sampler, steps, k):
+    """With a Gaussian far from the data's (mean 6, variance 2), z_0 has the moments of the chain
+    whose first ``k`` steps use that Gaussian's posterior mean and the rest the model's, and
+    they differ from the model's own by more than the test resolves (8 standard errors)."""
+    params = _gaussian_params("learned")
+    _, gammas = sampling.sampling_grid(params, steps, sampler)
+    eta = 0.5 if sampler == "ddim" else 0.0
+    z = sampling.sample_latents(
+        params,
+        jax.random.key(2),
+        N_IMAGES,
+        steps=steps,
+        sampler=sampler,
+        eta=eta,
+        gaussian_fit=_fit(6.0, 2.0),
+        gaussian_steps=k,
+    )
+
+    def affine(i, g):
+        return _x0_affine(g, *((6.0, 2.0) if i < k else (M, S**2)))
+
+    mean, var = _exact_moments(sampler, gammas, eta, affine=affine)
+    _assert_moments(z, mean, var, (sampler, k))
+    plain_mean, _ = _exact_moments(sampler, gammas, eta)
+    assert abs(plain_mean - mean) > 8 * np.sqrt(var / z.size), (plain_mean, mean)
+
+
+def test_gaussian_steps_with_the_datas_own_gaussian_change_nothing():
+    """Two routes to one denoiser: the test model's is the posterior mean of N(M, S^2), so
+    taking every step but the last from that Gaussian's fit gives the model's own samples."""
+    params = _gaussian_params("learned")
+    key = jax.random.key(3)
+    plain = sampling.sample_latents(params, key, 64, steps=20)
+    switched = sampling.sample_latents(
+        params, key, 64, steps=20, gaussian_fit=_fit(M, S**2), gaussian_steps=19
+    )
+    np.testing.assert_allclose(switched, plain, atol=2e-4)
+
+
+def test_a_gaussian_start_without_a_fitting_fit_says_what_to_do():
+    params = _gaussian_params("linear")
+    key = jax.random.key(0)
+    with pytest.raises(JvdmUserError, match="needs gaussian_fit"):
+        sampling.sample(params, key, 2, steps=10, gaussian_steps=3)
+    wrong = ref.fit_gaussian(np.random.default_rng(0).standard_normal((10, 5)))
+    with pytest.raises(JvdmUserError, match="flattened to 32 values"):
+        sampling.sample(params, key, 2, steps=10, gaussian_fit=wrong, gaussian_steps=3)
+    with pytest.raises(JvdmUserError, match="below steps=10"):
+        sampling.sample(params, key, 2, steps=10, gaussian_fit=wrong, gaussian_steps=10)
+    with pytest.raises(JvdmUserError, match="gaussian_steps=-1"):
+        sampling.sample(params, key, 2, steps=10, gaussian_steps=-1)
 
 
 def test_the_lambda_grid_frees_ancestral_sampling_from_the_interior():
@@ -307,12 +373,13 @@ def test_tiny_model_samples_are_uint8_deterministic_and_compiled_once(
     traces = count_traces(
         sampling,
         "_generate",
-        lambda params, keys, eta, *, steps, sampler, grid, decode: (
+        lambda params, keys, eta, fit, *, steps, sampler, grid, gaussian_steps, decode: (
             sampler,
             grid,
             steps,
             len(keys),
             decode,
+            gaussian_steps,
         ),
     )
     # (8 images, 3 steps: the same program as test_cli's, which may have compiled it already.)
@@ -328,7 +395,7 @@ def test_tiny_model_samples_are_uint8_deterministic_and_compiled_once(
     other = jax.tree.map(lambda p: p * 0.5, tiny_params)
     assert not np.array_equal(sampling.sample(other, key, 8, steps=3), x)
     assert traces == first  # no new compilation
-    assert set(first) <= {("ancestral", "lambda", 3, 8, True)}
+    assert set(first) <= {("ancestral", "lambda", 3, 8, True, 0)}
 
 
 def test_images_depend_on_key_and_index_only():

@@ -86,6 +86,13 @@ def _build_parser() -> _Parser:
     p.add_argument("--grid", default=None, help=_GRID_HELP)
     p.add_argument("--batch-size", type=_positive_int, default=None)
     p.add_argument("--save-npy", default=None, help="also save the uint8 images as .npy here")
+    p.add_argument(
+        "--gaussian-steps",
+        type=int,
+        default=0,
+        help="replace the first K steps by the marginal of the Gaussian fitted to the run's "
+        "training split (default 0: the model throughout)",
+    )
 
     p = sub.add_parser("eval", help="bits per dimension over a dataset split")
     p.add_argument("--workdir", required=True, help="run directory or one checkpoint directory")

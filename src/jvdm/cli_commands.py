@@ -105,7 +105,13 @@ def sample(args) -> int:
 
     validate.check_sampler(args.sampler, "--sampler")
     validate.check_sampler_grid(args.grid, "--grid")
-    params = run.load(args.workdir)
+    params, config = run.load_with_config(args.workdir)
+    fit = None
+    if args.gaussian_steps:
+        from jvdm import reference_denoisers as ref
+
+        d = config.data
+        fit = ref.fit_split(d.name, d.train_split, d.data_dir, params.model.vocab_size)
     images = sampling.sample(
         params,
         jax.random.key(args.seed),
@@ -115,6 +121,8 @@ def sample(args) -> int:
         eta=args.eta,
         batch_size=args.batch_size,
         grid=args.grid,
+        gaussian_fit=fit,
+        gaussian_steps=args.gaussian_steps,
     )
     out = args.out or os.path.join(run.resolve_checkpoint(args.workdir)[0], "samples.png")
     viz.save_image_grid(images, out)
@@ -130,6 +138,7 @@ def sample(args) -> int:
                 "sampler": args.sampler,
                 "steps": args.steps or sampling.default_steps(params.model, args.sampler),
                 "grid": args.grid or sampling.default_grid(params.model, args.sampler),
+                "gaussian_steps": args.gaussian_steps,
             }
         )
     )

@@ -170,4 +170,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     checks.check_sampler(e.sampler, "config.eval.sampler")
     checks.check_sampler_grid(e.sample_grid, "config.eval.sample_grid")
     need(e.sample_steps > 0, "eval.sample_steps", e.sample_steps, "must be positive")
+    need(
+        0 <= e.sample_gaussian_steps < e.sample_steps,
+        "eval.sample_gaussian_steps",
+        e.sample_gaussian_steps,
+        f"must lie in 0..{e.sample_steps - 1} (below eval.sample_steps)",
+    )
     return c

@@ -64,7 +64,15 @@ from jvdm import model as model_lib
 from jvdm import validate
 from jvdm.errors import JvdmUserError
 
-__all__ = ["SAMPLERS", "Sampler", "StepInput", "gamma_grid", "run", "solve", "time_from_gamma"]
+__all__ = [
+    "SAMPLERS",
+    "Sampler",
+    "StepInput",
+    "gamma_grid",
+    "run",
+    "solve",
+    "time_from_gamma",
+]
 
 _BISECTION_ITERS = 40  # halves [0, 1] to 1e-12, below float32 resolution
 _LOWER_ORDER_FINAL_BELOW = 15  # DPM-Solver++ reference: first-order last step for short runs
@@ -108,7 +116,8 @@ class Sampler(NamedTuple):
         own ``T`` steps in ``t``; 1000 steps in continuous time), where the solvers of the ODE
         take 50 steps uniform in ``lambda``.
       init: ``z_1 -> state``, a pytree whose first leaf is the latent.
-      step: ``(params, state, StepInput, steps) -> state``; ``steps`` is static.
+      step: ``(predict, state, StepInput, steps) -> state``, ``predict(z, gamma) -> (eps_hat,
+        x0_hat)`` the denoiser; ``steps`` is static.
     """
 
     name: str
@@ -178,12 +187,12 @@ def _latent_only(z):
     return (z,)
 
 
-def _ancestral_step(params, state, inp: StepInput, steps: int):
+def _ancestral_step(predict, state, inp: StepInput, steps: int):
     """``z_s ~ q(z_s | z_t, x = x0_hat)``: VDM's sampler, in the stable gamma form."""
     del steps
     (z,) = state
     g_t, g_s = inp.g_t, inp.g_s
-    eps_hat, _ = model_lib.predict_eps_x0(params, z, g_t)
+    eps_hat, _ = predict(z, g_t)
     _, sigma_t = _alpha_sigma(g_t)
     c = -jnp.expm1(g_s - g_t)  # 1 - SNR(t)/SNR(s), exact even when g_s ~ g_t
     # alpha_s / alpha_t as exp of a log-ratio: both factors are accurate, their ratio is too.
@@ -192,11 +201,11 @@ def _ancestral_step(params, state, inp: StepInput, steps: int):
     return (ratio * (z - c * sigma_t * eps_hat) + std * inp.noise,)
 
 
-def _ddim_step(params, state, inp: StepInput, steps: int):
+def _ddim_step(predict, state, inp: StepInput, steps: int):
     """DDIM with stochasticity ``eta``; ``eta = 1`` reproduces :func:`_ancestral_step`."""
     del steps
     (z,) = state
-    eps_hat, x0_hat = model_lib.predict_eps_x0(params, z, inp.g_t)
+    eps_hat, x0_hat = predict(z, inp.g_t)
     alpha_s, sigma_s = _alpha_sigma(inp.g_s)
     c = -jnp.expm1(inp.g_s - inp.g_t)
     eta = inp.eta
@@ -210,12 +219,12 @@ def _dpm_init(z):
     return (z, jnp.zeros_like(z))  # (z, x0_hat of the step before; unused at i = 0)
 
 
-def _dpm_step(params, state, inp: StepInput, steps: int):
+def _dpm_step(predict, state, inp: StepInput, steps: int):
     """One DPM-Solver++(2M) step from ``g_t`` to ``g_s``; the state carries the step before's
     ``x0_hat``. Returns ``(z_s, x0_hat_t)``."""
     z, x0_prev = state
     g_t, g_s, i = inp.g_t, inp.g_s, inp.i
-    _, x0_hat = model_lib.predict_eps_x0(params, z, g_t)
+    _, x0_hat = predict(z, g_t)
     h = 0.5 * (g_t - g_s)  # lambda_s - lambda_t > 0
     h_prev = 0.5 * (inp.g_prev - g_t)
     r = h_prev / h
@@ -244,11 +253,15 @@ SAMPLERS: dict[str, Sampler] = {
 assert tuple(SAMPLERS) == validate.SAMPLER_NAMES, "the table and the checked names must agree"
 
 
-def run(params, sampler: Sampler, z_1, g, eta, noise_fn):
+def run(params, sampler: Sampler, z_1, g, eta, noise_fn, *, predict=None):
     """Runs ``sampler`` over the gamma grid ``g`` ``[steps + 1]`` from ``z_1``; returns ``z_0``.
 
     ``noise_fn(i)`` gives step ``i``'s standard normal, or is ``None`` (zeros: deterministic).
+    ``predict(z, gamma) -> (eps_hat, x0_hat)`` is the denoiser the steps call; default the
+    model's, :func:`jvdm.model.predict_eps_x0` with ``params``.
     """
+    if predict is None:
+        predict = functools.partial(model_lib.predict_eps_x0, params)
     steps = g.shape[0] - 1
     g_prev = jnp.concatenate([g[:1], g[:-2]])  # g_prev[i] = g[i - 1]; g[0] at i = 0 (unused)
     xs = (jnp.arange(steps), g[:-1], g[1:], g_prev)
@@ -256,7 +269,7 @@ def run(params, sampler: Sampler, z_1, g, eta, noise_fn):
     def body(state, x):
         i, g_t, g_s, g_p = x
         noise = jnp.zeros_like(state[0]) if noise_fn is None else noise_fn(i)
-        return sampler.step(params, state, StepInput(i, g_t, g_s, g_p, noise, eta), steps), None
+        return sampler.step(predict, state, StepInput(i, g_t, g_s, g_p, noise, eta), steps), None
 
     state, _ = jax.lax.scan(body, sampler.init(z_1), xs)
     return state[0]

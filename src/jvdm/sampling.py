@@ -32,6 +32,7 @@ import numpy as np
 
 from jvdm import decoder, parallel, validate
 from jvdm import model as model_lib
+from jvdm import reference_denoisers as ref
 from jvdm.errors import JvdmUserError
 from jvdm.samplers import SAMPLERS, gamma_grid, run, time_from_gamma
 
@@ -122,14 +123,33 @@ def _per_image_normal(keys, shape, tag):
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, tag), shape))(keys)
 
 
-def _run_chain(params, keys, eta, *, steps, sampler, grid):
-    """``z_0`` for a batch of per-image keys ``[B]``."""
+def _run_chain(params, keys, eta, fit, *, steps, sampler, grid, gaussian_steps=0):
+    """``z_0`` for a batch of per-image keys ``[B]``; with ``gaussian_steps = k > 0`` the first
+    ``k`` steps take their ``x0_hat`` from the Gaussian ``fit``'s posterior mean."""
     shape = params.model.image_shape
     spec = SAMPLERS[sampler]
     g = gamma_grid(params, steps, grid)
     z = _per_image_normal(keys, shape, 0)  # z_1 ~ N(0, I), the prior
     noise_fn = (lambda i: _per_image_normal(keys, shape, i + 1)) if spec.uses_noise else None
-    return run(params, spec, z, g, eta, noise_fn)
+    predict = None
+    if gaussian_steps:
+        predict = _switched_predict(params, fit, switch=g[gaussian_steps])
+    return run(params, spec, z, g, eta, noise_fn, predict=predict)
+
+
+def _switched_predict(params, fit, *, switch):
+    """The Gaussian ``fit``'s denoiser at ``gamma > switch`` (the grid's first steps, the noisiest),
+    the model's elsewhere; ``(eps_hat, x0_hat)`` like :func:`jvdm.model.predict_eps_x0`."""
+
+    def gaussian(z, g):
+        x0_hat = ref.gaussian_denoiser(z.reshape(z.shape[0], -1), g, fit).reshape(z.shape)
+        alpha, sigma = jnp.sqrt(jax.nn.sigmoid(-g)), jnp.sqrt(jax.nn.sigmoid(g))
+        return (z - alpha * x0_hat) / sigma, x0_hat
+
+    def model(z, g):
+        return model_lib.predict_eps_x0(params, z, g)
+
+    return lambda z, g: jax.lax.cond(g > switch, gaussian, model, z, g)
 
 
 def _decode(params, z_0, keys, steps):
@@ -148,34 +168,57 @@ def _decode(params, z_0, keys, steps):
     return decoder.decoder_sample(u, z_0, g_0, model.vocab_size).astype(jnp.uint8)
 
 
-def _generate(params, keys, eta, *, steps, sampler, grid, decode):
+def _generate(params, keys, eta, fit, *, decode, **chain):
     """The traced body of one chunk: the chain, then the decoder (or the latents)."""
-    z_0 = _run_chain(params, keys, eta, steps=steps, sampler=sampler, grid=grid)
-    return _decode(params, z_0, keys, steps) if decode else z_0
+    z_0 = _run_chain(params, keys, eta, fit, **chain)
+    return _decode(params, z_0, keys, chain["steps"]) if decode else z_0
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "sampler", "grid", "decode", "sharding"))
-def _sample_chunk(params, key, indices, eta, *, steps, sampler, grid, decode, sharding):
+_STATIC = ("steps", "sampler", "grid", "gaussian_steps", "decode", "sharding")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _sample_chunk(params, key, indices, eta, fit, *, sharding, **static):
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, indices)
     if sharding is not None:
         keys = jax.lax.with_sharding_constraint(keys, sharding)
-    return _generate(params, keys, eta, steps=steps, sampler=sampler, grid=grid, decode=decode)
+    return _generate(params, keys, eta, fit, **static)
 
 
-def _sample(params, key, n, *, steps, sampler, eta, batch_size, grid, decode) -> np.ndarray:
+def _check_gaussian(params, steps: int, fit, gaussian_steps) -> int:
+    if isinstance(gaussian_steps, numbers.Integral) and gaussian_steps == 0:
+        return 0
+    k = validate.positive_int(gaussian_steps, "gaussian_steps", " (or 0: the model all the way)")
+    if k >= steps:
+        raise JvdmUserError(
+            f"gaussian_steps={k} must be below steps={steps}: the model takes the steps after it"
+        )
+    dim = math.prod(params.model.image_shape)
+    if fit is None or tuple(np.shape(fit.mean)) != (dim,) or np.shape(fit.vectors) != (dim, dim):
+        got = None if fit is None else tuple(np.shape(fit.mean))
+        raise JvdmUserError(
+            f"gaussian_steps={k} needs gaussian_fit, a GaussianFit of the training images "
+            f"flattened to {dim} values (jvdm.reference_denoisers.fit_gaussian); got mean {got}"
+        )
+    return k
+
+
+def _sample(
+    params, key, n, *, steps, sampler, eta, batch_size, grid, decode, gaussian_fit, gaussian_steps
+) -> np.ndarray:
     steps, batch_size, grid = _check_args(params, n, steps, sampler, eta, batch_size, grid)
+    gaussian_steps = _check_gaussian(params, steps, gaussian_fit, gaussian_steps)
+    fit = gaussian_fit if gaussian_steps else None
     # A chunk of at least one image per device is rounded up to a multiple of the device count (at
     # most ``devices - 1`` extra images, discarded) and sharded on the batch axis.
     chunk, sharding = parallel.local_batch_layout(min(n, batch_size))
     if sharding is not None:
         # Replicate the parameters on the mesh once, not per chunk.
         replicated = parallel.replicated_sharding(sharding.mesh)
-        params = jax.device_put(params, replicated)
-        key = jax.device_put(key, replicated)
+        params, key, fit = jax.device_put((params, key, fit), replicated)
     else:
         # One local device; parameters replicated over a mesh would run the program on each.
-        params = jax.device_put(params, jax.local_devices()[0])
-        key = jax.device_put(key, jax.local_devices()[0])
+        params, key, fit = jax.device_put((params, key, fit), jax.local_devices()[0])
     eta = jnp.float32(float(eta))
     out = []
     for start in range(0, n, chunk):
@@ -188,9 +231,11 @@ def _sample(params, key, n, *, steps, sampler, eta, batch_size, grid, decode) ->
             key,
             indices,
             eta,
+            fit,
             steps=steps,
             sampler=sampler,
             grid=grid,
+            gaussian_steps=gaussian_steps,
             decode=decode,
             sharding=sharding,
         )
@@ -208,6 +253,8 @@ def sample(
     eta: float = 0.0,
     batch_size: int | None = None,
     grid: str | None = None,
+    gaussian_fit=None,
+    gaussian_steps: int = 0,
 ) -> np.ndarray:
     """Draws ``n`` images from the model.
 
@@ -224,6 +271,14 @@ def sample(
         schedule's end points) or ``"time"`` (``t_i = i / steps``); default ``"time"`` for
         ancestral sampling of a discrete-time model (its bound's own chain), else ``"lambda"``
         (:func:`default_grid`). On a linear schedule the two coincide.
+      gaussian_fit: a :class:`jvdm.reference_denoisers.GaussianFit` of the training images
+        (:func:`jvdm.reference_denoisers.fit_gaussian`), used with ``gaussian_steps``.
+      gaussian_steps: ``k > 0``: the first ``k`` of the ``steps`` steps (the noisiest) take their
+        prediction ``x0_hat`` from the posterior mean of data distributed as that Gaussian, the
+        best linear denoiser of the training images, instead of the model; the rest of the
+        chain, its noise and grid are unchanged. At high noise a trained denoiser is close to
+        the Gaussian one (Wang & Vastola 2024) or, trained briefly, worse
+        (``bench/denoiser_oracle.py``). 0 (default): the model throughout.
 
     Returns:
       uint8 ``[n, H, W, C]`` (a NumPy array on the host).
@@ -233,6 +288,7 @@ def sample(
         ``[0, 1]``.
     """
     opts = dict(steps=steps, sampler=sampler, eta=eta, batch_size=batch_size, grid=grid)
+    opts.update(gaussian_fit=gaussian_fit, gaussian_steps=gaussian_steps)
     return _sample(params, key, n, decode=True, **opts)
 
 
@@ -246,6 +302,8 @@ def sample_latents(
     eta: float = 0.0,
     batch_size: int | None = None,
     grid: str | None = None,
+    gaussian_fit=None,
+    gaussian_steps: int = 0,
 ) -> np.ndarray:
     """Like :func:`sample` but returns the continuous latent ``z_0`` (float32 ``[n, H, W, C]``),
     before the decoder: ``z_0 ~ alpha_0 x + sigma_0 eps`` with ``x`` in model space ``[-1, 1]``.
@@ -253,4 +311,5 @@ def sample_latents(
     With the same arguments, ``sample`` decodes exactly these latents.
     """
     opts = dict(steps=steps, sampler=sampler, eta=eta, batch_size=batch_size, grid=grid)
+    opts.update(gaussian_fit=gaussian_fit, gaussian_steps=gaussian_steps)
     return _sample(params, key, n, decode=False, **opts)

@@ -145,6 +145,8 @@ class EvalSpec:
       num_samples, sample_steps, sampler: the sample grid (``config.eval``).
       use_quality: whether to score the samples in a dataset classifier's features.
       sample_grid: the sampler's grid (``config.eval.sample_grid``; ``None``: its default).
+      gaussian_steps: :func:`jvdm.sample`'s ``gaussian_steps`` (``config.eval.
+        sample_gaussian_steps``), with the Gaussian of ``train_split`` (``config.data``).
     """
 
     dataset: str
@@ -156,6 +158,8 @@ class EvalSpec:
     sampler: str
     use_quality: bool
     sample_grid: str | None = None
+    gaussian_steps: int = 0
+    train_split: str = "train"
 
 
 def evaluate_and_save(spec: EvalSpec, state, workdir: str, step: int, *, draws: int, key) -> dict:
@@ -168,6 +172,7 @@ def evaluate_and_save(spec: EvalSpec, state, workdir: str, step: int, *, draws: 
     of the default.) ``step`` names the output files only.
     """
     from jvdm import evaluate, sampling, viz
+    from jvdm import reference_denoisers as ref
 
     params = state.ema_params
     if jax.process_count() > 1:
@@ -190,6 +195,12 @@ def evaluate_and_save(spec: EvalSpec, state, workdir: str, step: int, *, draws: 
         steps=spec.sample_steps,
         sampler=spec.sampler,
         grid=spec.sample_grid,
+        gaussian_fit=(
+            ref.fit_split(spec.dataset, spec.train_split, spec.data_dir, params.model.vocab_size)
+            if spec.gaussian_steps
+            else None
+        ),
+        gaussian_steps=spec.gaussian_steps,
     )
     # Two pixel-level checks that a feature distance can miss: the share of exactly-zero pixels
     # (the data's backgrounds; 80% of mnist's pixels) and the model's own ELBO of its samples

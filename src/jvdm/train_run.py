@@ -75,6 +75,8 @@ def loop_settings(config) -> dict[str, Any]:
             sampler=str(e.sampler),
             use_quality=bool(e.use_quality),
             sample_grid=e.sample_grid,
+            gaussian_steps=int(e.sample_gaussian_steps),
+            train_split=str(d.train_split),
         ),
         variance_spec=train_log.VarianceSpec(
             every=int(t.variance_every),
