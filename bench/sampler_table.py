@@ -10,8 +10,10 @@ first ``M`` test images, with the probes, evaluations and seconds.
 
 Usage: ``python bench/sampler_table.py --workdir runs/learned_snr [--n 128]
 [--steps 10 20 50 100 250 1000] [--samplers ancestral ddim dpm_solver] [--grid lambda|time]
-[--ode-images 0]``; without ``--grid`` each sampler walks its default grid
-(:func:`jvdm.sampling.default_grid`).
+[--ode-images 0] [--gaussian-fraction 0.16]``; without ``--grid`` each sampler walks its default
+grid (:func:`jvdm.sampling.default_grid`). ``--gaussian-fraction F`` gives every row
+``gaussian_steps = round(F * steps)`` with the Gaussian of the run's training split
+(:func:`jvdm.sample`; on the ``lambda`` grid the same switch point at every step count).
 """
 
 from __future__ import annotations
@@ -35,12 +37,23 @@ def _pixel_checks(params, images, key) -> dict:
     return {"zero_share": float(np.mean(images == 0)), "elbo_bpd": float(np.mean(elbo))}
 
 
-def _row(params, clf_feats, n, sampler, steps, key, sample_key, grid) -> dict:
+def _row(params, clf_feats, n, sampler, steps, key, sample_key, grid, gaussian) -> dict:
     from jvdm import quality, sampling
 
     grid = grid or sampling.default_grid(params.model, sampler)
+    fit, fraction = gaussian
+    k = round(fraction * steps)
     start = time.perf_counter()
-    images = sampling.sample(params, sample_key, n, steps=steps, sampler=sampler, grid=grid)
+    images = sampling.sample(
+        params,
+        sample_key,
+        n,
+        steps=steps,
+        sampler=sampler,
+        grid=grid,
+        gaussian_fit=fit if k else None,
+        gaussian_steps=k,
+    )
     seconds = time.perf_counter() - start
     clf, ref = clf_feats
     _, feats = clf.apply(images)
@@ -48,6 +61,7 @@ def _row(params, clf_feats, n, sampler, steps, key, sample_key, grid) -> dict:
         "sampler": sampler,
         "steps": steps,
         "grid": grid,
+        "gaussian_steps": k,
         "seconds": seconds,
         "fd": quality.frechet_distance(feats, ref),
         "fd_se": quality.frechet_distance_se(feats, ref),
@@ -88,13 +102,17 @@ def main() -> int:
     parser.add_argument("--samplers", nargs="+", default=["ancestral", "ddim", "dpm_solver"])
     parser.add_argument("--grid", choices=["lambda", "time"], default=None)
     parser.add_argument("--ode-images", type=int, default=0)
+    parser.add_argument("--gaussian-fraction", type=float, default=0.0)
     args = parser.parse_args()
+    if not 0.0 <= args.gaussian_fraction < 1.0:
+        parser.error("--gaussian-fraction must lie in [0, 1)")
     load_before = _common.loadavg()
 
     import jax
     import numpy as np
 
     from jvdm import data, quality, run
+    from jvdm import reference_denoisers as ref_lib
     from jvdm.quality_classifier import Recipe, get_classifier
 
     params, config = run.load_with_config(args.workdir)
@@ -112,10 +130,17 @@ def main() -> int:
         "kid": quality.kernel_distance(real_feats, ref),
         **_pixel_checks(params, real, key),
     }
+    fit = None
+    if args.gaussian_fraction:
+        d = config.data
+        fit = ref_lib.fit_split(d.name, d.train_split, d.data_dir, params.model.vocab_size)
     rows, sample_key = [], jax.random.key(1)
     for sampler in args.samplers:
         for steps in args.steps:
-            row = _row(params, (clf, ref), args.n, sampler, steps, key, sample_key, args.grid)
+            gaussian = (fit, args.gaussian_fraction)
+            row = _row(
+                params, (clf, ref), args.n, sampler, steps, key, sample_key, args.grid, gaussian
+            )
             rows.append(row)
             print(rows[-1], file=sys.stderr, flush=True)
     result = {

@@ -86,13 +86,8 @@ def _build_parser() -> _Parser:
     p.add_argument("--grid", default=None, help=_GRID_HELP)
     p.add_argument("--batch-size", type=_positive_int, default=None)
     p.add_argument("--save-npy", default=None, help="also save the uint8 images as .npy here")
-    p.add_argument(
-        "--gaussian-steps",
-        type=int,
-        default=0,
-        help="replace the first K steps by the marginal of the Gaussian fitted to the run's "
-        "training split (default 0: the model throughout)",
-    )
+    _add_gaussian_steps(p)
+    p.add_argument("--data-dir", default=None, help="tfds data dir (default: the config's)")
 
     p = sub.add_parser("eval", help="bits per dimension over a dataset split")
     p.add_argument("--workdir", required=True, help="run directory or one checkpoint directory")
@@ -122,9 +117,20 @@ def _build_parser() -> _Parser:
     p.add_argument("--grid", default=None, help=_GRID_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None, help="tfds data dir (default: the config's)")
+    _add_gaussian_steps(p)
 
     _add_data_parser(sub)
     return parser
+
+
+def _add_gaussian_steps(p) -> None:
+    p.add_argument(
+        "--gaussian-steps",
+        type=int,
+        default=0,
+        help="the first K steps take x0_hat from the Gaussian fitted to the run's training split "
+        "(its best linear denoiser) instead of the model (default 0: the model throughout)",
+    )
 
 
 def _add_data_parser(sub) -> None:

@@ -106,12 +106,6 @@ def sample(args) -> int:
     validate.check_sampler(args.sampler, "--sampler")
     validate.check_sampler_grid(args.grid, "--grid")
     params, config = run.load_with_config(args.workdir)
-    fit = None
-    if args.gaussian_steps:
-        from jvdm import reference_denoisers as ref
-
-        d = config.data
-        fit = ref.fit_split(d.name, d.train_split, d.data_dir, params.model.vocab_size)
     images = sampling.sample(
         params,
         jax.random.key(args.seed),
@@ -121,8 +115,7 @@ def sample(args) -> int:
         eta=args.eta,
         batch_size=args.batch_size,
         grid=args.grid,
-        gaussian_fit=fit,
-        gaussian_steps=args.gaussian_steps,
+        **_gaussian_start(args.gaussian_steps, params, config, args.data_dir),
     )
     out = args.out or os.path.join(run.resolve_checkpoint(args.workdir)[0], "samples.png")
     viz.save_image_grid(images, out)
@@ -179,6 +172,18 @@ def eval_(args) -> int:
     return 0
 
 
+def _gaussian_start(k: int, params, config, data_dir) -> dict:
+    """``sample``'s ``gaussian_fit`` and ``gaussian_steps`` for ``--gaussian-steps K``: the
+    Gaussian of the run's own training split (``config.data``), fitted only when ``K > 0``."""
+    if not k:
+        return {"gaussian_steps": k}
+    from jvdm import reference_denoisers as ref
+
+    d = config.data
+    fit = ref.fit_split(d.name, d.train_split, data_dir or d.data_dir, params.model.vocab_size)
+    return {"gaussian_fit": fit, "gaussian_steps": k}
+
+
 def score(args) -> int:
     """Scores ``--n`` samples of a run's EMA model (:func:`jvdm.quality.sample_quality`)."""
     configure_runtime()
@@ -199,6 +204,7 @@ def score(args) -> int:
         steps=args.steps,
         sampler=args.sampler,
         grid=args.grid,
+        **_gaussian_start(args.gaussian_steps, params, config, args.data_dir),
     )
     seconds = time.perf_counter() - start
     result = quality.sample_quality(
@@ -210,6 +216,7 @@ def score(args) -> int:
     steps = args.steps or sampling.default_steps(params.model, args.sampler)
     grid = args.grid or sampling.default_grid(params.model, args.sampler)
     result.update(sampler=args.sampler, steps=steps, grid=grid, sample_seconds=seconds)
+    result["gaussian_steps"] = args.gaussian_steps
     result["table"] = quality.format_table(result).splitlines()
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
