@@ -56,7 +56,8 @@ def _row(params, clf_feats, n, sampler, steps, key, sample_key, grid, gaussian) 
     )
     seconds = time.perf_counter() - start
     clf, ref = clf_feats
-    _, feats = clf.apply(images)
+    logits, feats = clf.apply(images)
+    scores = quality._metrics(logits, feats, ref, clf.module.num_classes)
     return {
         "sampler": sampler,
         "steps": steps,
@@ -66,6 +67,8 @@ def _row(params, clf_feats, n, sampler, steps, key, sample_key, grid, gaussian) 
         "fd": quality.frechet_distance(feats, ref),
         "fd_se": quality.frechet_distance_se(feats, ref),
         "kid": quality.kernel_distance(feats, ref),
+        "confidence": scores["confidence"],
+        "confidence_se": scores["confidence_se"],
         **_pixel_checks(params, images, key),
     }
 

@@ -284,8 +284,9 @@ def sample(
       uint8 ``[n, H, W, C]`` (a NumPy array on the host).
 
     Raises:
-      ValueError: for ``n <= 0``, ``steps <= 0``, an unknown sampler or grid, or ``eta`` outside
-        ``[0, 1]``.
+      ValueError: for ``n <= 0``, ``steps <= 0``, an unknown sampler or grid, ``eta`` outside
+        ``[0, 1]``, or ``gaussian_steps`` not below ``steps`` or without a ``gaussian_fit`` of the
+        model's image size.
     """
     opts = dict(steps=steps, sampler=sampler, eta=eta, batch_size=batch_size, grid=grid)
     opts.update(gaussian_fit=gaussian_fit, gaussian_steps=gaussian_steps)
