@@ -172,3 +172,15 @@ def allow_unprepared_datasets() -> None:
             return tuple(shapes[name]), {}
 
     data.dataset_info = dataset_info
+
+
+def add_restart_args(parser, *, starts) -> None:
+    """The arguments of the scripts that restart a validation run's chain from real images
+    (``shape_origin.py``, ``denoiser_oracle.py``): runs, sample count, grid, start indices."""
+    parser.add_argument("runs", nargs="+", help="run directories (trained on train[:K])")
+    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--starts", type=int, nargs="+", default=list(starts))
+    parser.add_argument("--split-at", type=int, default=4000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-write", action="store_true")

@@ -73,13 +73,7 @@ def _program(steps: int):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="run directories (trained on train[:K])")
-    parser.add_argument("--n", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--starts", type=int, nargs="+", default=list(DEFAULT_STARTS))
-    parser.add_argument("--split-at", type=int, default=4000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-write", action="store_true")
+    _common.add_restart_args(parser, starts=DEFAULT_STARTS)
     args = parser.parse_args()
     if any(not 0 <= k <= args.steps for k in args.starts):
         parser.error(f"--starts must lie in 0..{args.steps} (grid indices)")
