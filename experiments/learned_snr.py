@@ -51,7 +51,7 @@ def get_config():
     # training images, the best linear denoiser, instead of the model: at log SNR <= -3.2 this
     # model's denoiser is worse than that linear one (by 0.009-0.013 in squared error per pixel,
     # bench/denoiser_oracle.py), from -2.2 on better. On the validation slice over three seeds
-    # (paired keys, bench/RESULTS.md): FD -18.7 +- 3.2, confidence +0.008 +- 0.001. The model's
+    # (paired keys, bench/RESULTS.md): FD -19.6 +- 4.1, confidence +0.007 +- 0.002. The model's
     # bound is untouched; `jvdm sample --gaussian-steps 0` draws from the model alone.
     config.eval.sample_gaussian_steps = 8
     return config
