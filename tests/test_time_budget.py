@@ -183,6 +183,29 @@ def test_a_budgeted_run_resumes_on_its_decision(runs):
     )
 
 
+def test_the_pace_note_speaks_only_past_the_tolerance():
+    assert time_budget.pace_note(0.10, 0.109, 1000) is None  # +9%
+    assert time_budget.pace_note(0.10, 0.091, 1000) is None  # -9%
+    slow = time_budget.pace_note(0.10, 0.15, 2000)
+    assert "0.1500 s a step, +50% against the 0.1000 s" in slow
+    assert "remaining 2,000 steps will take about 300 s" in slow
+    assert "-40%" in time_budget.pace_note(0.10, 0.06, 10)
+    assert time_budget.pace_note(0.10, float("nan"), 10) is None
+
+
+def test_a_budgeted_loop_far_from_its_measured_pace_says_so(runs):
+    """The fixture's measurement is fixed at SECONDS_PER_STEP (0.2 s), far slower than the tiny
+    step: the budgeted runs report it once, at the first log two intervals past their start (the
+    first holds the compile), in their summary; the fixed run, which has no budget, says
+    nothing."""
+    note = runs["budget"]["time_budget_pace"]
+    assert note.startswith("time budget: the loop runs at ") and "% against the 0.2000 s" in note
+    assert f"remaining {DECIDED - 20:,} steps" in note  # checked at step 2 x log_every
+    # Resumed at 37: its second logging interval after the restart ends at step 60.
+    assert f"remaining {DECIDED - 60:,} steps" in runs["resumed"]["time_budget_pace"]
+    assert "time_budget_pace" not in runs["fixed"]
+
+
 def test_bad_budgets_fail_with_one_line_and_write_nothing(tmp_path, monkeypatch):
     with pytest.raises(JvdmUserError, match="train.time_budget_s"):
         config_lib.validate(tiny("train.time_budget_s=-1.0"))

@@ -161,6 +161,24 @@ def decide(config, step_fn, make_state, local_batch: dict[str, np.ndarray], key,
     )
 
 
+PACE_TOLERANCE = 0.10  # the loop's step time may differ from the decision's by this much, silently
+
+
+def pace_note(decided_s: float, loop_s: float, steps_left: int) -> str | None:
+    """One line when the loop's step time ``loop_s`` differs from the ``decided_s`` the step count
+    was chosen at by more than :data:`PACE_TOLERANCE` (a machine busier or calmer than while it
+    was measured); ``None`` otherwise. The decision stands: the line says what it now costs."""
+    change = loop_s / decided_s - 1.0
+    if not math.isfinite(change) or abs(change) <= PACE_TOLERANCE:
+        return None
+    return (
+        f"time budget: the loop runs at {loop_s:.4f} s a step, {change:+.0%} against the "
+        f"{decided_s:.4f} s its {BUDGET_FILE} was decided at; the remaining {steps_left:,} steps "
+        f"will take about {steps_left * loop_s:.0f} s (train.time_budget_s=0 train.steps=N "
+        "sets the count yourself)"
+    )
+
+
 def save(decision: Decision, workdir: str) -> str:
     """Writes ``workdir/time_budget.json`` atomically (process 0 only); returns its path."""
     path = os.path.join(workdir, BUDGET_FILE)
@@ -198,7 +216,7 @@ def load(workdir: str) -> Decision:
 
 
 def resolve(config, workdir, state, start, step_fn, scratch, local_batch, key, mesh, *, respec):
-    """``(config, state)`` with ``train.steps`` set by ``config.train.time_budget_s``.
+    """``(config, state, decision)`` with ``train.steps`` set by ``config.train.time_budget_s``.
 
     A fresh run (``start == 0``) times ``step_fn`` on a ``scratch()`` state and ``local_batch``
     and saves the :class:`Decision`; a resumed one reads it back. The returned config is a copy
@@ -215,4 +233,4 @@ def resolve(config, workdir, state, start, step_fn, scratch, local_batch, key, m
     config = copy.deepcopy(config)
     config.train.steps = decision.steps
     spec = respec(config)
-    return config, state.replace(tx=spec.tx, lr_schedule=spec.lr_schedule)
+    return config, state.replace(tx=spec.tx, lr_schedule=spec.lr_schedule), decision

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +31,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jvdm import build, optimizer, parallel, train_log, train_run, validate
+from jvdm import build, optimizer, parallel, time_budget, train_log, train_run, validate
 from jvdm import config as config_lib
 from jvdm import train_state as state_lib
 from jvdm import workdir as workdir_lib
@@ -196,11 +197,10 @@ def _train(config, workdir, mesh, step_callback, is_main) -> dict[str, Any]:
         start, state = _resume_or_init(config, workdir, manager, abstract, fresh, is_main)
         loader = _make_loader(config, mesh, start)
         train_key = parallel.replicate(train_key, mesh)
+        budget_step_s = 0.0
         if t.time_budget_s > 0:  # decides (or reads back) train.steps; config is a copy after
-            from jvdm import time_budget
-
             step_fn = functools.partial(train_step, grad_accum_steps=int(t.grad_accum_steps))
-            config, state = time_budget.resolve(
+            config, state, decision = time_budget.resolve(
                 config,
                 workdir,
                 state,
@@ -212,6 +212,7 @@ def _train(config, workdir, mesh, step_callback, is_main) -> dict[str, Any]:
                 mesh,
                 respec=state_spec,
             )
+            budget_step_s = decision.seconds_per_step
         writer = train_log.MetricsWriter(workdir, start)
         run = train_run.Run(
             workdir=workdir,
@@ -223,11 +224,14 @@ def _train(config, workdir, mesh, step_callback, is_main) -> dict[str, Any]:
             variance_key=variance_key,
             step_callback=step_callback,
             image_shape=tuple(abstract.params.model.image_shape),
+            budget_step_s=budget_step_s,
             **train_run.loop_settings(config),
         )
-        state, done, stopped, logged = _loop(run, state, loader, start)
+        state, done, stopped, logged, pace = _loop(run, state, loader, start)
         manager.wait_until_finished()
         summary = _summary(run, state, done, stopped, logged)
+        if pace:
+            summary["time_budget_pace"] = pace
         if stopped or not t.use_final_eval:
             if is_main and stopped:
                 print(f"stopped by a signal at step {done}; checkpoint {summary['checkpoint']}")
@@ -332,7 +336,8 @@ def _evaluate(run: train_run.Run, state, step: int, *, draws: int) -> tuple[dict
 
 
 def _loop(run: train_run.Run, state: TrainState, loader, start: int):
-    """Steps from ``start`` to ``run.steps``; returns (state, done, stopped, last log record)."""
+    """Steps from ``start`` to ``run.steps``; returns (state, done, stopped, last log record, the
+    time budget's pace note or None)."""
     from jvdm import checkpoint as ckpt
 
     flag, save, log = (
@@ -341,7 +346,7 @@ def _loop(run: train_run.Run, state: TrainState, loader, start: int):
         train_log.IntervalLog(run.batch_size),
     )
     logged: dict[str, float] = {}
-    done, stopped = start, False
+    done, stopped, pace, pace_due = start, False, None, bool(run.budget_step_s)
     batches = iter(loader)
     with train_run.stop_on_signals(flag), train_run.progress(run, start) as bar:
         while done < run.steps:
@@ -365,6 +370,8 @@ def _loop(run: train_run.Run, state: TrainState, loader, start: int):
             at_log = train_run.every(run.log_every, done, run.steps)
             if at_log:
                 logged = _log(run, log, done, bar)
+                if pace_due and done - start >= 2 * run.log_every:  # an interval past the compile
+                    pace, pace_due = _pace(run, logged, done, bar), False
             if train_run.should_stop(flag, at_log):
                 stopped = True
                 save(done, state)
@@ -378,4 +385,12 @@ def _loop(run: train_run.Run, state: TrainState, loader, start: int):
                 train_log.log_variance(
                     v, state, run.workdir, done, key=run.variance_key, writer=run.writer
                 )
-    return state, done, stopped, logged
+    return state, done, stopped, logged, pace
+
+
+def _pace(run: train_run.Run, logged: dict, done: int, bar) -> str | None:
+    loop_s = run.batch_size / logged["train/images_per_sec"]
+    note = time_budget.pace_note(run.budget_step_s, loop_s, run.steps - done)
+    if note and jax.process_index() == 0:
+        bar.write(note, file=sys.stderr)
+    return note

@@ -48,6 +48,7 @@ class Run:
     max_consecutive_nonfinite: int
     eval_draws: int
     dataset: str
+    budget_step_s: float  # the time budget's measured step time (0: no budget)
     eval_spec: train_log.EvalSpec
     variance_spec: train_log.VarianceSpec
 
