@@ -87,15 +87,8 @@ def _programs(params, support, fit, steps: int):
     def empirical_chain(keys, k):
         """The default sampler with the empirical posterior mean for the first ``k`` steps."""
 
-        def reference(z, g):
-            x0_hat = x0_of("empirical", z, g)
-            alpha, sigma = _alpha_sigma(g)
-            return (z - alpha * x0_hat) / sigma, x0_hat
-
-        def predict(z, g):
-            model = lambda z, g: model_lib.predict_eps_x0(params, z, g)  # noqa: E731
-            return jax.lax.cond(g > grid[k], reference, model, z, g)
-
+        empirical = functools.partial(ref.empirical_denoiser, support=support)
+        predict = sampling.switched_predict(params, empirical, switch=grid[k])
         normal = lambda tag: sampling._per_image_normal(keys, shape, tag)  # noqa: E731
         z = run(
             params,

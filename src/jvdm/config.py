@@ -168,8 +168,8 @@ def _add_training_sections(c: ml_collections.ConfigDict) -> None:
     # "lambda" (uniform in lambda = -gamma/2) or "time" (uniform in t); unset: the sampler's
     # default, "lambda" except for ancestral sampling of a discrete-time model (jvdm.sampling).
     c.eval.sample_grid = config_dict.placeholder(str)
-    # The first k of the sample_steps steps replaced by one draw from the marginal of the Gaussian
-    # fitted to the training split (jvdm.sample's gaussian_steps; 0: the model throughout).
+    # The first k of the sample_steps steps take x0_hat from the Gaussian fitted to the training
+    # split, its best linear denoiser (jvdm.sample's gaussian_steps; 0: the model throughout).
     c.eval.sample_gaussian_steps = 0
     c.eval.final_draws = 4
     # Score each evaluation's samples in a dataset classifier's features (jvdm.quality; the

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jvdm import schedules
 from jvdm.errors import JvdmUserError
 
 __all__ = [
@@ -101,7 +102,7 @@ def _check(z, dim: int, name: str) -> None:
 
 def _alpha2_sigma2(gamma):
     gamma = jnp.asarray(gamma, jnp.float32)
-    return jax.nn.sigmoid(-gamma), jax.nn.sigmoid(gamma)
+    return schedules.alpha_bar_from_gamma(gamma), schedules.sigma_sq_from_gamma(gamma)
 
 
 def gaussian_denoiser(z, gamma, fit: GaussianFit) -> jax.Array:

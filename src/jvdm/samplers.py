@@ -64,15 +64,7 @@ from jvdm import model as model_lib
 from jvdm import validate
 from jvdm.errors import JvdmUserError
 
-__all__ = [
-    "SAMPLERS",
-    "Sampler",
-    "StepInput",
-    "gamma_grid",
-    "run",
-    "solve",
-    "time_from_gamma",
-]
+__all__ = ["SAMPLERS", "Sampler", "StepInput", "gamma_grid", "run", "solve", "time_from_gamma"]
 
 _BISECTION_ITERS = 40  # halves [0, 1] to 1e-12, below float32 resolution
 _LOWER_ORDER_FINAL_BELOW = 15  # DPM-Solver++ reference: first-order last step for short runs

@@ -34,7 +34,7 @@ from jvdm import decoder, parallel, validate
 from jvdm import model as model_lib
 from jvdm import reference_denoisers as ref
 from jvdm.errors import JvdmUserError
-from jvdm.samplers import SAMPLERS, gamma_grid, run, time_from_gamma
+from jvdm.samplers import SAMPLERS, _alpha_sigma, gamma_grid, run, time_from_gamma
 
 __all__ = [
     "default_grid",
@@ -42,6 +42,7 @@ __all__ = [
     "sample",
     "sample_latents",
     "sampling_grid",
+    "switched_predict",
 ]
 
 DEFAULT_CONTINUOUS_STEPS = 1000
@@ -133,23 +134,26 @@ def _run_chain(params, keys, eta, fit, *, steps, sampler, grid, gaussian_steps=0
     noise_fn = (lambda i: _per_image_normal(keys, shape, i + 1)) if spec.uses_noise else None
     predict = None
     if gaussian_steps:
-        predict = _switched_predict(params, fit, switch=g[gaussian_steps])
+        gaussian = functools.partial(ref.gaussian_denoiser, fit=fit)
+        predict = switched_predict(params, gaussian, switch=g[gaussian_steps])
     return run(params, spec, z, g, eta, noise_fn, predict=predict)
 
 
-def _switched_predict(params, fit, *, switch):
-    """The Gaussian ``fit``'s denoiser at ``gamma > switch`` (the grid's first steps, the noisiest),
-    the model's elsewhere; ``(eps_hat, x0_hat)`` like :func:`jvdm.model.predict_eps_x0`."""
+def switched_predict(params, reference, *, switch):
+    """A sampler's ``predict(z, gamma) -> (eps_hat, x0_hat)``: ``reference(z_flat, gamma) ->
+    x0_flat`` (a :mod:`jvdm.reference_denoisers` function on flattened images) at ``gamma >
+    switch``, the grid's first and noisiest steps, and the model's
+    (:func:`jvdm.model.predict_eps_x0`) elsewhere."""
 
-    def gaussian(z, g):
-        x0_hat = ref.gaussian_denoiser(z.reshape(z.shape[0], -1), g, fit).reshape(z.shape)
-        alpha, sigma = jnp.sqrt(jax.nn.sigmoid(-g)), jnp.sqrt(jax.nn.sigmoid(g))
+    def from_reference(z, g):
+        x0_hat = reference(z.reshape(z.shape[0], -1), g).reshape(z.shape)
+        alpha, sigma = _alpha_sigma(g)
         return (z - alpha * x0_hat) / sigma, x0_hat
 
     def model(z, g):
         return model_lib.predict_eps_x0(params, z, g)
 
-    return lambda z, g: jax.lax.cond(g > switch, gaussian, model, z, g)
+    return lambda z, g: jax.lax.cond(g > switch, from_reference, model, z, g)
 
 
 def _decode(params, z_0, keys, steps):
