@@ -62,6 +62,7 @@ _SOURCES: dict[str, str] = {
     "fit_gaussian": "jvdm.reference_denoisers",
     "fit_split": "jvdm.reference_denoisers",
     "gaussian_denoiser": "jvdm.reference_denoisers",
+    "gaussian_prediction": "jvdm.reference_denoisers",
     # sampling and likelihood
     "bpd": "jvdm.evaluate",
     "load": "jvdm.run",

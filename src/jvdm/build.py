@@ -12,8 +12,9 @@ import jax.numpy as jnp
 from jvdm import parallel
 from jvdm.model import VDM, VDMParams, init
 from jvdm.nn import gamma as gamma_lib
+from jvdm.nn.gaussian_base import GaussianBase
 
-__all__ = ["from_config", "init_params"]
+__all__ = ["from_config", "gaussian_fit", "init_params"]
 
 
 def from_config(config) -> VDM:
@@ -39,6 +40,12 @@ def from_config(config) -> VDM:
         dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
         use_remat=m.use_remat,
     )
+    if m.gaussian_base:
+        # The net learns the residual of the training images' best linear denoiser, whose fit
+        # the trainer puts in the model's variables (jvdm.nn.gaussian_base).
+        denoiser = GaussianBase(
+            net=denoiser, prediction=m.prediction, log_snr_center=m.gaussian_base_log_snr
+        )
     if g.schedule == "learned":
         schedule = gamma_lib.LearnedGamma(
             gamma_min_init=g.gamma_min, gamma_max_init=g.gamma_max, hidden=g.hidden
@@ -70,8 +77,22 @@ def from_config(config) -> VDM:
     )
 
 
+def gaussian_fit(config):
+    """The Gaussian fit of ``config.data.train_split`` that a model with ``model.gaussian_base``
+    adds to its network (:func:`jvdm.reference_denoisers.fit_split`, cached), else ``None``."""
+    if not config.model.gaussian_base:
+        return None
+    from jvdm import reference_denoisers
+
+    d = config.data
+    # The arguments as the trainer's sampler passes them, so both share one cached fit.
+    return reference_denoisers.fit_split(d.name, d.train_split, d.data_dir, VDM.vocab_size)
+
+
 def init_params(config, key: jax.Array) -> VDMParams:
-    """The model of ``config``, initialised (one compiled program per model)."""
+    """The model of ``config``, initialised (one compiled program per model), with its Gaussian
+    base fitted to the training split if it has one."""
     # Op by op, the U-Net's initialisation dispatches hundreds of small programs (20 s for the
     # tests' tiny model on CPU); compiled, it is one.
-    return parallel.jit_run_once(init, (0,))(from_config(config), key)
+    model = from_config(config)
+    return parallel.jit_run_once(init, (0,))(model, key, gaussian_fit=gaussian_fit(config))

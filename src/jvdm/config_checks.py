@@ -103,6 +103,12 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(m.prediction in PREDICTIONS, "model.prediction", m.prediction, f"one of {PREDICTIONS}")
     need(m.timesteps >= 0, "model.timesteps", m.timesteps, "0 (continuous) or a positive T")
     need(m.dtype in ("float32", "bfloat16"), "model.dtype", m.dtype, "float32 or bfloat16")
+    need(
+        math.isfinite(m.gaussian_base_log_snr),
+        "model.gaussian_base_log_snr",
+        m.gaussian_base_log_snr,
+        "must be finite (the log SNR where the Gaussian base has half its weight)",
+    )
     _validate_objective(m, need)
     need(g.schedule in SCHEDULES, "gamma.schedule", g.schedule, f"one of {SCHEDULES}")
     checks.check_gamma_order(g.gamma_min, g.gamma_max, "config.gamma.")

@@ -29,6 +29,7 @@ three are turned into the same eps-space residual without dividing by a small ``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -38,6 +39,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from jvdm import losses, validate, weighting
+from jvdm.errors import JvdmUserError
+from jvdm.nn.gaussian_base import COLLECTION as GAUSSIAN_BASE
 from jvdm.noise_draws import NoiseDraws, ScheduleValues, draw_noise, schedule_values
 from jvdm.validate import NOISE_SAMPLINGS, PREDICTIONS, VARIANCE_GRADIENTS
 
@@ -145,13 +148,64 @@ class VDMParams(struct.PyTreeNode):
     schedule: Any
 
 
-def init(model: VDM, key: jax.Array) -> VDMParams:
-    """Initialises the denoiser and the schedule."""
+def init(model: VDM, key: jax.Array, *, gaussian_fit=None) -> VDMParams:
+    """Initialises the denoiser and the schedule.
+
+    A denoiser with a Gaussian base (:class:`jvdm.nn.gaussian_base.GaussianBase`) gets
+    ``gaussian_fit`` (a :class:`jvdm.reference_denoisers.GaussianFit` of the training images) as
+    its base, or ``N(0, I)`` without one; see :func:`with_gaussian_fit`.
+    """
     k_den, k_drop, k_sched = jax.random.split(key, 3)
     z = jnp.zeros((1, *model.image_shape), jnp.float32)
     den = model.denoiser.init({"params": k_den, "dropout": k_drop}, z, jnp.zeros((1,)), train=False)
     sched = model.schedule.init(k_sched, jnp.zeros((1,), jnp.float32))
-    return VDMParams(model=model, denoiser=den, schedule=sched)
+    params = VDMParams(model=model, denoiser=den, schedule=sched)
+    return params if gaussian_fit is None else with_gaussian_fit(params, gaussian_fit)
+
+
+def has_gaussian_base(params: VDMParams) -> bool:
+    """Whether the denoiser adds a Gaussian's prediction to its network's (a ``gaussian_base``
+    variable collection)."""
+    return GAUSSIAN_BASE in params.denoiser
+
+
+def with_gaussian_fit(params: VDMParams, fit) -> VDMParams:
+    """``params`` whose denoiser's Gaussian base is ``fit`` (``mean [D]``, ``values [D]``,
+    ``vectors [D, D]`` for ``D`` pixel values; :func:`jvdm.reference_denoisers.fit_split`).
+
+    Raises:
+      JvdmUserError: the denoiser has no Gaussian base, or ``fit`` has other shapes than its.
+    """
+    if not has_gaussian_base(params):
+        raise JvdmUserError(
+            "this model's denoiser has no Gaussian base to fit (build it with "
+            "model.gaussian_base=True, or wrap it in jvdm.nn.gaussian_base.GaussianBase)"
+        )
+    old = params.denoiser[GAUSSIAN_BASE]
+    get = fit.__getitem__ if isinstance(fit, dict) else functools.partial(getattr, fit)
+    new = {name: jnp.asarray(get(name), jnp.float32) for name in old}
+    for name, value in new.items():
+        if value.shape != old[name].shape:
+            raise JvdmUserError(
+                f"the Gaussian fit's {name} has shape {value.shape}, the model's base "
+                f"{old[name].shape}: fit the images the model is for ({params.model.image_shape})"
+            )
+    return params.replace(denoiser={**params.denoiser, GAUSSIAN_BASE: new})
+
+
+def is_constant(path) -> bool:
+    """Whether a leaf of the denoiser's variables (by its pytree path) is a constant rather than
+    a trained parameter: any collection but ``'params'`` (the Gaussian base's fit)."""
+    return bool(path) and getattr(path[0], "key", None) != "params"
+
+
+def keep_constants(new: VDMParams, old: VDMParams) -> VDMParams:
+    """``new`` with the denoiser's constants (:func:`is_constant`) of ``old``: a training update or
+    an EMA leaves a Gaussian base's fit exactly as it was, whatever its arithmetic."""
+    constants = {k: v for k, v in old.denoiser.items() if k != "params"}
+    if not constants:
+        return new
+    return new.replace(denoiser={**new.denoiser, **constants})
 
 
 def gamma(params: VDMParams, t: jax.Array) -> jax.Array:

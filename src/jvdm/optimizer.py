@@ -39,11 +39,13 @@ def weight_decay_mask(params: model_lib.VDMParams) -> model_lib.VDMParams:
     """``True`` where AdamW decays a weight: the denoiser's kernels and embeddings only.
 
     Biases and norm scales are not decayed (decay would pull a GroupNorm's scale towards zero), nor
+    are the denoiser's constants (a Gaussian base's fit, :func:`jvdm.model.is_constant`), nor
     is any parameter of the noise schedule, whose end points set the bound and whose interior is
     trained on the loss variance.
     """
     denoiser = jax.tree_util.tree_map_with_path(
-        lambda path, _: _leaf_name(path) not in _NO_DECAY_NAMES, params.denoiser
+        lambda path, _: not model_lib.is_constant(path) and _leaf_name(path) not in _NO_DECAY_NAMES,
+        params.denoiser,
     )
     schedule = jax.tree.map(lambda _: False, params.schedule)
     return params.replace(denoiser=denoiser, schedule=schedule)

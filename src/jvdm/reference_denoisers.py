@@ -27,7 +27,8 @@ A trained model's ``x0_hat`` can be measured against both at each noise level
 do, and the empirical one shows what the data's own neighbours reveal at that level.
 
 Every function works on flattened images, ``[batch, dim]``; its ``gamma`` is a scalar shared by
-the batch. Computation is float32 in JAX except :func:`fit_gaussian` (float64 NumPy, once).
+the batch (:func:`gaussian_prediction`'s may also be one per latent). Computation is float32 in
+JAX except :func:`fit_gaussian` (float64 NumPy, once).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ __all__ = [
     "fit_gaussian",
     "fit_split",
     "gaussian_denoiser",
+    "gaussian_prediction",
 ]
 
 
@@ -105,16 +107,56 @@ def _alpha2_sigma2(gamma):
     return schedules.alpha_bar_from_gamma(gamma), schedules.sigma_sq_from_gamma(gamma)
 
 
+def _per_example(gamma, batch: int) -> jax.Array:
+    gamma = jnp.asarray(gamma, jnp.float32)
+    if gamma.ndim > 1 or (gamma.ndim == 1 and gamma.shape[0] not in (1, batch)):
+        raise JvdmUserError(
+            f"gamma must be a scalar or have shape [{batch}] (one per latent), got {gamma.shape}"
+        )
+    return jnp.broadcast_to(gamma.reshape(-1, 1) if gamma.ndim else gamma, (batch, 1))
+
+
+def gaussian_prediction(z, gamma, fit: GaussianFit, prediction: str = "x0") -> jax.Array:
+    r"""The Gaussian's posterior estimate of ``x``, ``eps`` or ``v = alpha eps - sigma x`` given
+    ``z = alpha x + sigma eps``: ``[batch, dim]``, for ``x ~ N(fit)``.
+
+    In the eigenbasis ``C = U diag(lambda) U^T``, with ``c = U^T (z - alpha mu)`` and
+    ``d = alpha^2 lambda + sigma^2``,
+
+    .. math:: \hat x = \mu + U (c \cdot lpha\lambda / d), \quad
+              \hat\epsilon = U (c \cdot \sigma / d), \quad
+              \hat v = -\sigma\mu + U (c \cdot lpha\sigma(1 - \lambda) / d),
+
+    so no prediction divides by a small ``alpha`` or ``sigma`` (``d >= sigma^2``): each is exact
+    at every noise level, including for directions the data never varies in (``lambda = 0``,
+    where ``eps_hat`` is the latent's own noise). ``gamma`` is a scalar or one per latent
+    ``[batch]``. The projections run at full float32 precision on every backend.
+    """
+    if prediction not in ("eps", "x0", "v"):
+        raise JvdmUserError(f"prediction={prediction!r}; expected 'eps', 'x0' or 'v'")
+    z = jnp.asarray(z, jnp.float32)
+    _check(z, fit.mean.shape[0], "gaussian_prediction")
+    a2, s2 = _alpha2_sigma2(_per_example(gamma, z.shape[0]))
+    a, s = jnp.sqrt(a2), jnp.sqrt(s2)
+    hi = jax.lax.Precision.HIGHEST
+    mean, values = fit.mean[None, :], fit.values[None, :]
+    coords = jnp.matmul(z - a * mean, fit.vectors, precision=hi)
+    inv = 1.0 / (a2 * values + s2)
+    if prediction == "x0":
+        gain, offset = a * values * inv, mean
+    elif prediction == "eps":
+        gain, offset = s * inv, jnp.zeros_like(mean)
+    else:
+        gain, offset = a * s * (1.0 - values) * inv, -s * mean
+    return offset + jnp.matmul(coords * gain, fit.vectors.T, precision=hi)
+
+
 def gaussian_denoiser(z, gamma, fit: GaussianFit) -> jax.Array:
     """``E[x | z]`` for ``x ~ N(fit)``: ``[batch, dim]``; the best linear denoiser of the data
-    ``fit`` was fitted to."""
+    ``fit`` was fitted to (:func:`gaussian_prediction` of ``x``)."""
     z = jnp.asarray(z, jnp.float32)
     _check(z, fit.mean.shape[0], "gaussian_denoiser")
-    a2, s2 = _alpha2_sigma2(gamma)
-    a = jnp.sqrt(a2)
-    coords = (z - a * fit.mean[None, :]) @ fit.vectors
-    gain = a * fit.values / (a2 * fit.values + s2)
-    return fit.mean[None, :] + (coords * gain[None, :]) @ fit.vectors.T
+    return gaussian_prediction(z, gamma, fit, "x0")
 
 
 def _log_weights(z, gamma, support):

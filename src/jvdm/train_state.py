@@ -84,8 +84,8 @@ class StateSpec(NamedTuple):
     ema_decay: float
 
 
-def _init_state_impl(model, tx, lr_schedule, ema_decay, key) -> TrainState:
-    params = model_lib.init(model, key)
+def _init_state_impl(model, tx, lr_schedule, ema_decay, key, gaussian_fit=None) -> TrainState:
+    params = model_lib.init(model, key, gaussian_fit=gaussian_fit)
     zero = jnp.zeros((), jnp.int32)
     return TrainState(
         step=zero,
@@ -102,15 +102,18 @@ def _init_state_impl(model, tx, lr_schedule, ema_decay, key) -> TrainState:
     )
 
 
-def create_train_state(spec: StateSpec, key: jax.Array, *, mesh: Mesh | None = None) -> TrainState:
+def create_train_state(
+    spec: StateSpec, key: jax.Array, *, mesh: Mesh | None = None, gaussian_fit=None
+) -> TrainState:
     """A fresh state of ``spec``, initialised from ``key`` and replicated over ``mesh`` (default:
     all devices).
 
     The parameters are initialised once on a local device (one compiled program, reused by every
-    call with an equal spec) and then copied onto the mesh.
+    call with an equal spec) and then copied onto the mesh. A denoiser with a Gaussian base gets
+    ``gaussian_fit`` as its base (:func:`jvdm.model.init`).
     """
     mesh = parallel.make_mesh() if mesh is None else mesh
-    state = parallel.jit_run_once(_init_state_impl, (0, 1, 2, 3))(*spec, key)
+    state = parallel.jit_run_once(_init_state_impl, (0, 1, 2, 3))(*spec, key, gaussian_fit)
     return parallel.replicate(state, mesh)
 
 
@@ -148,9 +151,10 @@ def _apply_or_keep(state: TrainState, *, grads, applied, histogram) -> tuple[Tra
     """``(state after the update, its norm)``, or ``(state, NaN)`` when the update is not finite
     or would leave ``gamma_max <= gamma_min``."""
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = model_lib.keep_constants(optax.apply_updates(state.params, updates), state.params)
     decay = ema_decay_at(applied, state.ema_decay)
     ema_params = optax.incremental_update(params, state.ema_params, 1.0 - decay)
+    ema_params = model_lib.keep_constants(ema_params, params)
     new = state.replace(
         params=params, ema_params=ema_params, opt_state=opt_state, loss_histogram=histogram
     )
