@@ -29,6 +29,16 @@ def test_step_costs_of_a_matmul_are_exact():
     assert costs["memory_peak_bytes"] == peak - costs["memory_alias_bytes"]
 
 
+def test_a_gaussian_base_fit_is_counted_as_constants_not_parameters():
+    compiled = jax.jit(jnp.sin).lower(jax.ShapeDtypeStruct((4,), jnp.float32)).compile()
+    denoiser = {"params": {"w": np.zeros((3, 5))}, "gaussian_base": {"vectors": np.zeros((4, 4))}}
+    costs = preflight.step_costs(compiled, {"denoiser": denoiser, "schedule": np.zeros(2)})
+    assert (costs["params"], costs["constants"]) == (17, 16)
+    assert "1.7e-05M parameters (+1.6e-05M constant)," in preflight.summary_line(costs)
+    plain = preflight.step_costs(compiled, {"w": np.zeros(3)})
+    assert plain["constants"] == 0 and "constant" not in preflight.summary_line(plain)
+
+
 def test_cpu_reports_no_limit():
     assert preflight.device_bytes_limit(jax.devices()[0]) is None
 

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 
 from jvdm.errors import JvdmUserError
+from jvdm.nn.gaussian_base import COLLECTION as GAUSSIAN_BASE
 
 __all__ = ["StepMemoryError", "check_fits", "device_bytes_limit", "step_costs"]
 
@@ -23,6 +24,11 @@ _GIB = 2**30
 
 class StepMemoryError(JvdmUserError):
     """The compiled training step needs more memory than a device has."""
+
+
+def _is_constant(path) -> bool:
+    # The denoiser's collections other than 'params' (jvdm.model.is_constant), seen from the top.
+    return any(getattr(p, "key", None) == GAUSSIAN_BASE for p in path)
 
 
 def _flops(compiled) -> float:
@@ -40,14 +46,18 @@ def step_costs(compiled, params: Any) -> dict[str, float]:
       params: the trained parameters (a pytree of arrays or shape structs).
 
     Returns:
-      ``params``, ``flops_per_step`` (XLA's count; a multiply-add is 2), and ``memory_*_bytes``
+      ``params`` (trained), ``constants`` (carried but not trained: a Gaussian base's fit),
+      ``flops_per_step`` (XLA's count; a multiply-add is 2), and ``memory_*_bytes``
       for arguments, outputs, temporaries and the donated aliases, with
       ``memory_peak_bytes = argument + output + temp - alias`` (buffers an output reuses from a
       donated argument are counted once).
     """
     memory = compiled.memory_analysis()
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    constant = sum(x.size for path, x in leaves if _is_constant(path))
     out = {
-        "params": float(sum(x.size for x in jax.tree.leaves(params))),
+        "params": float(sum(x.size for _, x in leaves) - constant),
+        "constants": float(constant),
         "flops_per_step": _flops(compiled),
         "memory_argument_bytes": float(memory.argument_size_in_bytes),
         "memory_output_bytes": float(memory.output_size_in_bytes),
@@ -90,8 +100,10 @@ def check_fits(costs: dict[str, float], device: jax.Device, *, grad_accum_steps:
 
 def summary_line(costs: dict[str, float]) -> str:
     """One human line of :func:`step_costs`."""
+    constants = costs.get("constants", 0.0)
+    extra = f" (+{constants / 1e6:.3g}M constant)" if constants else ""
     return (
-        f"train step: {costs['params'] / 1e6:.3g}M parameters, "
+        f"train step: {costs['params'] / 1e6:.3g}M parameters{extra}, "
         f"{costs['flops_per_step'] / 1e9:.4g} GFLOP, "
         f"{costs['memory_peak_bytes'] / _GIB:.3g} GiB per device "
         f"({costs['memory_temp_bytes'] / _GIB:.3g} GiB temporaries)"
