@@ -231,7 +231,7 @@ def _train(config, workdir, mesh, step_callback, is_main) -> dict[str, Any]:
         )
         state, done, stopped, logged, pace = _loop(run, state, loader, start)
         manager.wait_until_finished()
-        summary = _summary(run, state, done, stopped, logged)
+        summary = train_run.summary(run, state, done, stopped, logged)
         if pace:
             summary["time_budget_pace"] = pace
         if stopped or not t.use_final_eval:
@@ -241,7 +241,7 @@ def _train(config, workdir, mesh, step_callback, is_main) -> dict[str, Any]:
         final, metrics_plot = _evaluate(run, state, done, draws=config.eval.final_draws)
         summary.update(final, metrics_plot=metrics_plot)
         if is_main:
-            _print_final(summary, config.data.eval_split)
+            train_run.print_final(summary, config.data.eval_split)
         return summary
     finally:
         if writer is not None:
@@ -284,35 +284,6 @@ def _make_loader(config, mesh: Mesh, start: int):
         random_flip=config.data.random_flip,
         data_dir=config.data.data_dir,
     )
-
-
-def _summary(run: train_run.Run, state, done: int, stopped: bool, logged: dict) -> dict[str, Any]:
-    from jvdm import checkpoint as ckpt
-
-    latest = run.manager.latest_step()
-    path = None if latest is None else os.path.join(run.workdir, ckpt.CHECKPOINT_DIR, str(latest))
-    return {
-        "step": done,
-        "stopped_early": stopped,
-        "skipped_total": int(jax.device_get(state.skipped_total)),
-        "train_bpd": logged.get("train/bpd", float("nan")),
-        "workdir": run.workdir,
-        "checkpoint": path,
-    }
-
-
-def _print_final(summary: dict[str, Any], split: str) -> None:
-    print(
-        f"final {split} bpd: {summary['bpd_mean']:.4f} ± {summary['bpd_sem']:.4f} (standard "
-        f"error over {summary['num_images']} images, {summary['draws']} noise draws each)\n"
-        f"  samples:    {summary['samples']}\n  gamma(t):   {summary['gamma_plot']}\n"
-        f"  bpd curves: {summary['metrics_plot']}\n  checkpoint: {summary['checkpoint']}"
-    )
-    if "quality" in summary:
-        from jvdm import quality
-
-        print("sample quality in the dataset classifier's features, against the test split:")
-        print(quality.format_table(summary["quality"]))
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import signal
 import sys
 import threading
@@ -22,7 +23,7 @@ from jvdm import train_log
 from jvdm.train_state import TrainState
 
 __all__ = ["Run", "Saver", "StopFlag", "every", "loop_settings", "progress", "should_stop"]
-__all__ += ["stop_on_signals"]
+__all__ += ["print_final", "stop_on_signals", "summary"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,3 +170,35 @@ def progress(run: Run, start: int):
         mininterval=1.0,
         file=sys.stderr,
     )
+
+
+def summary(run: Run, state, done: int, stopped: bool, logged: dict) -> dict[str, Any]:
+    """The run's summary before its final evaluation: the steps done, whether it stopped early,
+    the updates skipped, the last logged train bpd, and where its newest checkpoint is."""
+    from jvdm import checkpoint as ckpt
+
+    latest = run.manager.latest_step()
+    path = None if latest is None else os.path.join(run.workdir, ckpt.CHECKPOINT_DIR, str(latest))
+    return {
+        "step": done,
+        "stopped_early": stopped,
+        "skipped_total": int(jax.device_get(state.skipped_total)),
+        "train_bpd": logged.get("train/bpd", float("nan")),
+        "workdir": run.workdir,
+        "checkpoint": path,
+    }
+
+
+def print_final(summary: dict[str, Any], split: str) -> None:
+    """The final evaluation's lines: the bound, the files written and the sample-quality table."""
+    print(
+        f"final {split} bpd: {summary['bpd_mean']:.4f} ± {summary['bpd_sem']:.4f} (standard "
+        f"error over {summary['num_images']} images, {summary['draws']} noise draws each)\n"
+        f"  samples:    {summary['samples']}\n  gamma(t):   {summary['gamma_plot']}\n"
+        f"  bpd curves: {summary['metrics_plot']}\n  checkpoint: {summary['checkpoint']}"
+    )
+    if "quality" in summary:
+        from jvdm import quality
+
+        print("sample quality in the dataset classifier's features, against the test split:")
+        print(quality.format_table(summary["quality"]))
