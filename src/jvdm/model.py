@@ -29,7 +29,6 @@ three are turned into the same eps-space residual without dividing by a small ``
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -182,8 +181,8 @@ def with_gaussian_fit(params: VDMParams, fit) -> VDMParams:
             "model.gaussian_base=True, or wrap it in jvdm.nn.gaussian_base.GaussianBase)"
         )
     old = params.denoiser[GAUSSIAN_BASE]
-    get = fit.__getitem__ if isinstance(fit, dict) else functools.partial(getattr, fit)
-    new = {name: jnp.asarray(get(name), jnp.float32) for name in old}
+    fit = fit._asdict() if hasattr(fit, "_asdict") else fit  # a GaussianFit or a dict
+    new = {name: jnp.asarray(fit[name], jnp.float32) for name in old}
     for name, value in new.items():
         if value.shape != old[name].shape:
             raise JvdmUserError(
@@ -194,18 +193,17 @@ def with_gaussian_fit(params: VDMParams, fit) -> VDMParams:
 
 
 def is_constant(path) -> bool:
-    """Whether a leaf of the denoiser's variables (by its pytree path) is a constant rather than
-    a trained parameter: any collection but ``'params'`` (the Gaussian base's fit)."""
-    return bool(path) and getattr(path[0], "key", None) != "params"
+    """Whether a leaf (by its pytree path, from the denoiser's variables or from the whole
+    :class:`VDMParams`) is a constant rather than a trained parameter: the Gaussian base's fit."""
+    return any(getattr(p, "key", None) == GAUSSIAN_BASE for p in path)
 
 
 def keep_constants(new: VDMParams, old: VDMParams) -> VDMParams:
     """``new`` with the denoiser's constants (:func:`is_constant`) of ``old``: a training update or
     an EMA leaves a Gaussian base's fit exactly as it was, whatever its arithmetic."""
-    constants = {k: v for k, v in old.denoiser.items() if k != "params"}
-    if not constants:
+    if not has_gaussian_base(old):
         return new
-    return new.replace(denoiser={**new.denoiser, **constants})
+    return new.replace(denoiser={**new.denoiser, GAUSSIAN_BASE: old.denoiser[GAUSSIAN_BASE]})
 
 
 def gamma(params: VDMParams, t: jax.Array) -> jax.Array:

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 
 from jvdm.errors import JvdmUserError
-from jvdm.nn.gaussian_base import COLLECTION as GAUSSIAN_BASE
+from jvdm.model import is_constant
 
 __all__ = ["StepMemoryError", "check_fits", "device_bytes_limit", "step_costs"]
 
@@ -24,11 +24,6 @@ _GIB = 2**30
 
 class StepMemoryError(JvdmUserError):
     """The compiled training step needs more memory than a device has."""
-
-
-def _is_constant(path) -> bool:
-    # The denoiser's collections other than 'params' (jvdm.model.is_constant), seen from the top.
-    return any(getattr(p, "key", None) == GAUSSIAN_BASE for p in path)
 
 
 def _flops(compiled) -> float:
@@ -54,7 +49,7 @@ def step_costs(compiled, params: Any) -> dict[str, float]:
     """
     memory = compiled.memory_analysis()
     leaves = jax.tree_util.tree_leaves_with_path(params)
-    constant = sum(x.size for path, x in leaves if _is_constant(path))
+    constant = sum(x.size for path, x in leaves if is_constant(path))
     out = {
         "params": float(sum(x.size for _, x in leaves) - constant),
         "constants": float(constant),

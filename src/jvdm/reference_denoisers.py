@@ -123,9 +123,9 @@ def gaussian_prediction(z, gamma, fit: GaussianFit, prediction: str = "x0") -> j
     In the eigenbasis ``C = U diag(lambda) U^T``, with ``c = U^T (z - alpha mu)`` and
     ``d = alpha^2 lambda + sigma^2``,
 
-    .. math:: \hat x = \mu + U (c \cdot lpha\lambda / d), \quad
+    .. math:: \hat x = \mu + U (c \cdot \alpha\lambda / d), \quad
               \hat\epsilon = U (c \cdot \sigma / d), \quad
-              \hat v = -\sigma\mu + U (c \cdot lpha\sigma(1 - \lambda) / d),
+              \hat v = -\sigma\mu + U (c \cdot \alpha\sigma(1 - \lambda) / d),
 
     so no prediction divides by a small ``alpha`` or ``sigma`` (``d >= sigma^2``): each is exact
     at every noise level, including for directions the data never varies in (``lambda = 0``,

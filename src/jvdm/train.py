@@ -193,9 +193,12 @@ def _train(config, workdir, mesh, step_callback, is_main) -> dict[str, Any]:
     writer = None
     try:
         init_key, train_key, eval_key, variance_key = run_keys(t.seed)  # the only derivation
-        fresh = functools.partial(
-            create_train_state, spec, init_key, mesh=mesh, gaussian_fit=build.gaussian_fit(config)
-        )
+
+        def fresh():  # the Gaussian base's fit (cached) only when a state is initialised
+            return create_train_state(
+                spec, init_key, mesh=mesh, gaussian_fit=build.gaussian_fit(config)
+            )
+
         start, state = _resume_or_init(config, workdir, manager, abstract, fresh, is_main)
         loader = _make_loader(config, mesh, start)
         train_key = parallel.replicate(train_key, mesh)

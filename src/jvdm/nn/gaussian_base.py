@@ -49,7 +49,8 @@ MAX_DIMS = 4096
 
 
 class GaussianBase(nn.Module):
-    """``net(z, gamma, train=) + gaussian_prediction(z, gamma, fit, prediction)``.
+    """``net(z, gamma, train=) + sigmoid(log_snr_center + gamma) gaussian_prediction(z, gamma,
+    fit, prediction)`` (``gamma = -log SNR``).
 
     Attributes:
       net: the residual network, ``(z [B,H,W,C], gamma [B], *, train) -> [B,H,W,C]``.
