@@ -176,15 +176,19 @@ def test_init_without_a_fit_is_the_standard_normal_and_bad_fits_are_refused():
         model_lib.init(_model("v", shape=(40, 40, 3)), jax.random.key(0))
 
 
-def test_training_keeps_the_fit_of_the_training_split_and_saves_it(tmp_path):
-    """A run with model.gaussian_base fits data.train_split, trains the network only (the fit in
-    the parameters and in their EMA stays bit for bit what was fitted), and its checkpoint gives
-    the fit back to jvdm.run.load."""
+@pytest.mark.parametrize("components,rank", [(1, 0), (4, 8)])
+def test_training_keeps_the_fit_of_the_training_split_and_saves_it(tmp_path, components, rank):
+    """A run with model.gaussian_base fits data.train_split (one Gaussian, or a mixture of 4
+    components of rank 8), trains the network only (the fit in the parameters and in their EMA
+    stays bit for bit what was fitted), and its checkpoint gives the fit back to
+    jvdm.run.load."""
     config = config_lib.load_config_file(os.path.join(REPO, "experiments", "tiny.py"))
     config = config_lib.apply_overrides(
         config,
         [
             "model.gaussian_base=True",
+            f"model.gaussian_base_components={components}",
+            f"model.gaussian_base_rank={rank}",
             "model.channel_mult=(1,)",
             "model.attention_resolutions=()",
             "train.use_final_eval=False",
@@ -193,7 +197,8 @@ def test_training_keeps_the_fit_of_the_training_split_and_saves_it(tmp_path):
     )
     workdir = str(tmp_path / "run")
     train_lib.train_and_evaluate(config, workdir)
-    fit = ref.fit_split(config.data.name, config.data.train_split, config.data.data_dir)
+    d = config.data
+    fit = ref.fit_split(d.name, d.train_split, d.data_dir, 256, components, rank)
     want = {k: np.asarray(v) for k, v in fit._asdict().items()}
     start = build.init_params(config, train_lib.run_keys(0)[0])
     for raw in (True, False):

@@ -191,6 +191,27 @@ def test_gaussian_steps_with_the_datas_own_gaussian_change_nothing():
     np.testing.assert_allclose(switched, plain, atol=2e-4)
 
 
+def test_gaussian_steps_take_a_mixture_of_the_datas_gaussian_as_that_gaussian():
+    """A mixture fit is taken too: two components that are both the data's N(M, S^2) (rank 3,
+    the rest isotropic at S^2) are that Gaussian, so the samples are the model's own."""
+    params = _gaussian_params("learned")
+    dim = int(np.prod(SHAPE))
+    vectors = jnp.tile(jnp.eye(dim)[:, :3], (2, 1, 1))
+    fit = ref.MixtureFit(
+        jnp.log(jnp.array([0.25, 0.75])),
+        jnp.full((2, dim), M),
+        jnp.full((2, 3), S**2),
+        vectors,
+        jnp.full((2,), S**2),
+    )
+    key = jax.random.key(3)
+    plain = sampling.sample_latents(params, key, 64, steps=20)
+    switched = sampling.sample_latents(
+        params, key, 64, steps=20, gaussian_fit=fit, gaussian_steps=19
+    )
+    np.testing.assert_allclose(switched, plain, atol=2e-4)
+
+
 def test_a_gaussian_start_without_a_fitting_fit_says_what_to_do():
     params = _gaussian_params("linear")
     key = jax.random.key(0)

@@ -55,14 +55,17 @@ _SOURCES: dict[str, str] = {
     "init_histogram": "jvdm.noise_sampling",
     "sample_positions": "jvdm.noise_sampling",
     "update_histogram": "jvdm.noise_sampling",
-    # reference denoisers: exact posterior means of a Gaussian and of a finite support
+    # reference denoisers: exact posterior means of a Gaussian, a mixture and a finite support
     "GaussianFit": "jvdm.reference_denoisers",
+    "MixtureFit": "jvdm.reference_denoisers",
     "effective_support": "jvdm.reference_denoisers",
     "empirical_denoiser": "jvdm.reference_denoisers",
     "fit_gaussian": "jvdm.reference_denoisers",
+    "fit_mixture": "jvdm.reference_denoisers",
     "fit_split": "jvdm.reference_denoisers",
     "gaussian_denoiser": "jvdm.reference_denoisers",
     "gaussian_prediction": "jvdm.reference_denoisers",
+    "mixture_prediction": "jvdm.reference_denoisers",
     # sampling and likelihood
     "bpd": "jvdm.evaluate",
     "load": "jvdm.run",

@@ -44,7 +44,11 @@ def from_config(config) -> VDM:
         # The net learns the residual of the training images' best linear denoiser, whose fit
         # the trainer puts in the model's variables (jvdm.nn.gaussian_base).
         denoiser = GaussianBase(
-            net=denoiser, prediction=m.prediction, log_snr_center=m.gaussian_base_log_snr
+            net=denoiser,
+            prediction=m.prediction,
+            log_snr_center=m.gaussian_base_log_snr,
+            components=m.gaussian_base_components,
+            rank=m.gaussian_base_rank,
         )
     if g.schedule == "learned":
         schedule = gamma_lib.LearnedGamma(
@@ -78,15 +82,20 @@ def from_config(config) -> VDM:
 
 
 def gaussian_fit(config):
-    """The Gaussian fit of ``config.data.train_split`` that a model with ``model.gaussian_base``
-    adds to its network (:func:`jvdm.reference_denoisers.fit_split`, cached), else ``None``."""
-    if not config.model.gaussian_base:
+    """The Gaussian (or mixture) fit of ``config.data.train_split`` that a model with
+    ``model.gaussian_base`` adds to its network (:func:`jvdm.reference_denoisers.fit_split`,
+    cached), else ``None``."""
+    m = config.model
+    if not m.gaussian_base:
         return None
     from jvdm import reference_denoisers
 
     d = config.data
     # The arguments as the trainer's sampler passes them, so both share one cached fit.
-    return reference_denoisers.fit_split(d.name, d.train_split, d.data_dir, VDM.vocab_size)
+    args = (d.name, d.train_split, d.data_dir, VDM.vocab_size)
+    if m.gaussian_base_components == 1 and m.gaussian_base_rank == 0:
+        return reference_denoisers.fit_split(*args)
+    return reference_denoisers.fit_split(*args, m.gaussian_base_components, m.gaussian_base_rank)
 
 
 def init_params(config, key: jax.Array) -> VDMParams:

@@ -66,6 +66,11 @@ def _model_section() -> ml_collections.ConfigDict:
     # bpd and FD 54, 49, 43, 41 (without the base: 1.131, FD 65).
     m.gaussian_base = False
     m.gaussian_base_log_snr = 0.0
+    # The base's fit: one Gaussian of full covariance (components 1, rank 0: D x D values, for
+    # images of at most 4,096 values), or a mixture of `components` probabilistic PCA Gaussians
+    # of rank `rank` fitted by k-means (jvdm.reference_denoisers.fit_mixture: K D (r + 1) values).
+    m.gaussian_base_components = 1
+    m.gaussian_base_rank = 0
     # 0 means continuous time (VDM eq. 17); T > 0 gives the discrete-time bound with T steps.
     m.timesteps = 0
     m.use_antithetic_time = True

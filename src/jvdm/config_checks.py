@@ -109,6 +109,20 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         m.gaussian_base_log_snr,
         "must be finite (the log SNR where the Gaussian base has half its weight)",
     )
+    need(
+        m.gaussian_base_components >= 1,
+        "model.gaussian_base_components",
+        m.gaussian_base_components,
+        "must be >= 1 (1: one Gaussian; more: a mixture of rank model.gaussian_base_rank)",
+    )
+    need(
+        m.gaussian_base_rank >= 1
+        or (m.gaussian_base_rank == 0 and m.gaussian_base_components == 1),
+        "model.gaussian_base_rank",
+        m.gaussian_base_rank,
+        f"must be >= 1 with {m.gaussian_base_components} components (0, full covariance, is "
+        "for one component only)",
+    )
     _validate_objective(m, need)
     need(g.schedule in SCHEDULES, "gamma.schedule", g.schedule, f"one of {SCHEDULES}")
     checks.check_gamma_order(g.gamma_min, g.gamma_max, "config.gamma.")

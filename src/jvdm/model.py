@@ -170,7 +170,8 @@ def has_gaussian_base(params: VDMParams) -> bool:
 
 def with_gaussian_fit(params: VDMParams, fit) -> VDMParams:
     """``params`` whose denoiser's Gaussian base is ``fit`` (``mean [D]``, ``values [D]``,
-    ``vectors [D, D]`` for ``D`` pixel values; :func:`jvdm.reference_denoisers.fit_split`).
+    ``vectors [D, D]`` for ``D`` pixel values, or a :class:`jvdm.reference_denoisers.MixtureFit`
+    for a mixture base; :func:`jvdm.reference_denoisers.fit_split`).
 
     Raises:
       JvdmUserError: the denoiser has no Gaussian base, or ``fit`` has other shapes than its.
@@ -182,6 +183,11 @@ def with_gaussian_fit(params: VDMParams, fit) -> VDMParams:
         )
     old = params.denoiser[GAUSSIAN_BASE]
     fit = fit._asdict() if hasattr(fit, "_asdict") else fit  # a GaussianFit or a dict
+    if set(fit) != set(old):
+        raise JvdmUserError(
+            f"the fit has {sorted(fit)}, the model's base {sorted(old)}: a mixture base takes a "
+            "MixtureFit and a full one a GaussianFit (model.gaussian_base_components/_rank)"
+        )
     new = {name: jnp.asarray(fit[name], jnp.float32) for name in old}
     for name, value in new.items():
         if value.shape != old[name].shape:

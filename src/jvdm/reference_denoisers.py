@@ -12,6 +12,18 @@ error of ``x`` is the posterior mean. For two distributions it has a closed form
   (:func:`fit_gaussian`), it is the best *linear* denoiser of that dataset (the Wiener filter):
   no function of ``z`` that is affine does better in expected squared error, whatever the data.
 
+- **A mixture of probabilistic PCA components** ``x ~ sum_k pi_k N(mu_k, C_k)`` with
+  ``C_k = U_k diag(lambda_k) U_k^T + tau_k^2 (I - U_k U_k^T)`` (``U_k``: ``r`` orthonormal
+  columns; Tipping & Bishop 1999) (:func:`fit_mixture`, :class:`MixtureFit`): the posterior mean
+  is the components' own, each weighted by its posterior probability given ``z``,
+
+  .. math:: E[x | z] = \sum_k p(k | z)\, E_k[x | z], \qquad
+            p(k | z) \propto \pi_k\, N(z;\ \alpha \mu_k,\ \alpha^2 C_k + \sigma^2 I).
+
+  Fitted by k-means and each cluster's maximum-likelihood PPCA, it is a nonlinear denoiser that
+  knows the data's clusters (on MNIST, digit shapes) at high noise, where one Gaussian averages
+  them, and holds ``K (D r + D)`` numbers instead of ``D^2``.
+
 - **The empirical distribution** of a finite support ``{x_i}`` (:func:`empirical_denoiser`):
 
   .. math:: E[x | z] = \sum_i w_i x_i, \qquad
@@ -27,13 +39,14 @@ A trained model's ``x0_hat`` can be measured against both at each noise level
 do, and the empirical one shows what the data's own neighbours reveal at that level.
 
 Every function works on flattened images, ``[batch, dim]``; its ``gamma`` is a scalar shared by
-the batch (:func:`gaussian_prediction`'s may also be one per latent). Computation is float32 in
-JAX except :func:`fit_gaussian` (float64 NumPy, once).
+the batch (:func:`gaussian_prediction`'s and :func:`mixture_prediction`'s may also be one per
+latent). Computation is float32 in JAX except the fits (float64 NumPy, once).
 """
 
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -45,12 +58,15 @@ from jvdm.errors import JvdmUserError
 
 __all__ = [
     "GaussianFit",
+    "MixtureFit",
     "effective_support",
     "empirical_denoiser",
     "fit_gaussian",
+    "fit_mixture",
     "fit_split",
     "gaussian_denoiser",
     "gaussian_prediction",
+    "mixture_prediction",
 ]
 
 
@@ -79,19 +95,122 @@ def fit_gaussian(x) -> GaussianFit:
     )
 
 
-@functools.lru_cache(maxsize=4)
-def fit_split(dataset: str, split: str, data_dir: str | None = None, vocab_size: int = 256):
-    """:func:`fit_gaussian` of a prepared dataset split's images, scaled to the model's [-1, 1]
-    (:func:`jvdm.decoder.scale_pixels`) and flattened; the last few are kept in memory.
+class MixtureFit(NamedTuple):
+    """A mixture of ``K`` probabilistic PCA components in ``D`` dimensions, each of rank ``r``:
+    ``log_weights [K]`` (``log pi_k``), ``means [K, D]``, ``values [K, r]`` (the variances along
+    ``vectors [K, D, r]``, orthonormal columns) and ``residual [K]`` (``tau_k^2``, the variance in
+    every direction orthogonal to them)."""
 
-    It holds a ``dim x dim`` matrix (2.4 MB for 28x28x1, 38 MB for 32x32x3) and its float64
-    eigendecomposition costs ``O(dim^3)``: meant for images up to about 64x64x1 or 32x32x3.
+    log_weights: jax.Array
+    means: jax.Array
+    values: jax.Array
+    vectors: jax.Array
+    residual: jax.Array
+
+
+def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int) -> np.ndarray:
+    """Lloyd's algorithm from a k-means++ start; the cluster of each row of ``x``."""
+    sq = np.einsum("nd,nd->n", x, x)
+    centers = [x[rng.integers(len(x))]]
+    nearest = np.full(len(x), np.inf)
+    for _ in range(1, k):  # k-means++: each new centre drawn by squared distance to the chosen
+        nearest = np.minimum(nearest, np.sum(np.square(x - centers[-1]), axis=1))
+        centers.append(x[rng.choice(len(x), p=nearest / nearest.sum())])
+    centers = np.stack(centers)
+    assign = None
+    for _ in range(iters):
+        dist = sq[:, None] - 2.0 * x @ centers.T + np.einsum("kd,kd->k", centers, centers)[None]
+        new = np.argmin(dist, axis=1)
+        if assign is not None and np.array_equal(new, assign):
+            break
+        assign = new
+        for j in range(k):
+            members = x[assign == j]
+            # An emptied cluster restarts at the point farthest from its centre.
+            centers[j] = members.mean(axis=0) if len(members) else x[np.argmax(dist.min(axis=1))]
+    return assign
+
+
+def fit_mixture(x, components: int, rank: int, *, seed: int = 0, iters: int = 100) -> MixtureFit:
+    """A mixture of ``components`` probabilistic PCA Gaussians of rank ``rank`` fitted to ``x``
+    ``[N, D]``: k-means clusters (k-means++ start, seeded by ``seed``, at most ``iters`` Lloyd
+    steps), then each cluster's maximum-likelihood PPCA (Tipping & Bishop 1999): its mean, its
+    covariance's ``rank`` largest eigenpairs, and the mean of the other ``D - rank`` eigenvalues as
+    the isotropic variance of the rest; the weights are the clusters' shares. Float64 NumPy.
+
+    Raises:
+      JvdmUserError: ``x`` is not ``[N, D]``, ``rank`` not in ``[1, D)``, or a cluster has at most
+        ``rank`` images (its covariance would have no rest to measure): fewer components or a lower
+        rank.
+    """
+    x = np.asarray(x, np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise JvdmUserError(
+            f"fit_mixture needs data of shape [N >= 2, dim], got {x.shape}: flatten the images"
+        )
+    n, dim = x.shape
+    if not (isinstance(components, numbers.Integral) and 1 <= components <= n):
+        raise JvdmUserError(f"components={components!r}: expected an integer in [1, {n}]")
+    if not (isinstance(rank, numbers.Integral) and 1 <= rank < dim):
+        raise JvdmUserError(f"rank={rank!r}: expected an integer in [1, {dim - 1}]")
+    components, rank = int(components), int(rank)
+    assign = _kmeans(x, components, np.random.default_rng(seed), iters)
+    sizes = np.bincount(assign, minlength=components)
+    if sizes.min() <= rank:
+        raise JvdmUserError(
+            f"a mixture cluster has {sizes.min()} images, not more than rank={rank}: use fewer "
+            f"components (now {components}) or a lower rank for {n} images"
+        )
+    means, values, vectors, residual = [], [], [], []
+    for j in range(components):
+        members = x[assign == j]
+        mean = members.mean(axis=0)
+        # The covariance's eigenpairs from the centred members' SVD: s^2 / N_j are its eigenvalues.
+        _, s, vt = np.linalg.svd(members - mean, full_matrices=False)
+        eig = np.square(s) / len(members)
+        means.append(mean)
+        values.append(eig[:rank])
+        vectors.append(vt[:rank].T)
+        residual.append(eig[rank:].sum() / (dim - rank))  # the zero eigenvalues count too
+    as32 = lambda a: jnp.asarray(np.stack(a), jnp.float32)  # noqa: E731
+    return MixtureFit(
+        jnp.asarray(np.log(sizes / n), jnp.float32),
+        as32(means),
+        as32(values),
+        as32(vectors),
+        as32(residual),
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def fit_split(
+    dataset: str,
+    split: str,
+    data_dir: str | None = None,
+    vocab_size: int = 256,
+    components: int = 1,
+    rank: int = 0,
+):
+    """:func:`fit_gaussian` (``rank = 0``: one Gaussian, full covariance) or :func:`fit_mixture`
+    (``components`` of rank ``rank``) of a prepared dataset split's images, scaled to the model's
+    [-1, 1] (:func:`jvdm.decoder.scale_pixels`) and flattened; the last few are kept in memory.
+
+    One full Gaussian holds a ``dim x dim`` matrix (2.4 MB for 28x28x1, 38 MB for 32x32x3) and its
+    float64 eigendecomposition costs ``O(dim^3)``: meant for images up to about 64x64x1 or 32x32x3.
+    A mixture holds ``components x dim x rank`` values.
     """
     from jvdm import data, decoder
 
     images = data.load_split_array(dataset, split, data_dir)
     flat = np.asarray(decoder.scale_pixels(images, vocab_size)).reshape(len(images), -1)
-    return fit_gaussian(flat)
+    if rank == 0:
+        if components != 1:
+            raise JvdmUserError(
+                f"components={components} needs a rank >= 1 (a mixture of full covariances is "
+                "not supported): set the rank"
+            )
+        return fit_gaussian(flat)
+    return fit_mixture(flat, components, rank)
 
 
 def _check(z, dim: int, name: str) -> None:
@@ -116,9 +235,12 @@ def _per_example(gamma, batch: int) -> jax.Array:
     return jnp.broadcast_to(gamma.reshape(-1, 1) if gamma.ndim else gamma, (batch, 1))
 
 
-def gaussian_prediction(z, gamma, fit: GaussianFit, prediction: str = "x0") -> jax.Array:
+def gaussian_prediction(
+    z, gamma, fit: GaussianFit | MixtureFit, prediction: str = "x0"
+) -> jax.Array:
     r"""The Gaussian's posterior estimate of ``x``, ``eps`` or ``v = alpha eps - sigma x`` given
-    ``z = alpha x + sigma eps``: ``[batch, dim]``, for ``x ~ N(fit)``.
+    ``z = alpha x + sigma eps``: ``[batch, dim]``, for ``x ~ N(fit)`` (or for a mixture,
+    :class:`MixtureFit`: :func:`mixture_prediction`).
 
     In the eigenbasis ``C = U diag(lambda) U^T``, with ``c = U^T (z - alpha mu)`` and
     ``d = alpha^2 lambda + sigma^2``,
@@ -132,8 +254,9 @@ def gaussian_prediction(z, gamma, fit: GaussianFit, prediction: str = "x0") -> j
     where ``eps_hat`` is the latent's own noise). ``gamma`` is a scalar or one per latent
     ``[batch]``. The projections run at full float32 precision on every backend.
     """
-    if prediction not in ("eps", "x0", "v"):
-        raise JvdmUserError(f"prediction={prediction!r}; expected 'eps', 'x0' or 'v'")
+    if isinstance(fit, MixtureFit):
+        return mixture_prediction(z, gamma, fit, prediction)
+    _check_prediction(prediction)
     z = jnp.asarray(z, jnp.float32)
     _check(z, fit.mean.shape[0], "gaussian_prediction")
     a2, s2 = _alpha2_sigma2(_per_example(gamma, z.shape[0]))
@@ -151,11 +274,69 @@ def gaussian_prediction(z, gamma, fit: GaussianFit, prediction: str = "x0") -> j
     return offset + jnp.matmul(coords * gain, fit.vectors.T, precision=hi)
 
 
-def gaussian_denoiser(z, gamma, fit: GaussianFit) -> jax.Array:
-    """``E[x | z]`` for ``x ~ N(fit)``: ``[batch, dim]``; the best linear denoiser of the data
-    ``fit`` was fitted to (:func:`gaussian_prediction` of ``x``)."""
+def _check_prediction(prediction: str) -> None:
+    if prediction not in ("eps", "x0", "v"):
+        raise JvdmUserError(f"prediction={prediction!r}; expected 'eps', 'x0' or 'v'")
+
+
+def mixture_prediction(z, gamma, fit: MixtureFit, prediction: str = "x0") -> jax.Array:
+    r"""The mixture's posterior estimate of ``x``, ``eps`` or ``v`` given ``z``: ``[batch, dim]``,
+    for ``x ~ fit`` (:class:`MixtureFit`).
+
+    Each is ``sum_k p(k | z)`` times component ``k``'s own, as the three are linear in ``x_hat``
+    and the probabilities sum to 1. For component ``k``, with ``y = z - alpha mu_k``, its
+    coordinates ``c = U_k^T y``, the rest ``y_perp = y - U_k c``, ``d = alpha^2 lambda_k +
+    sigma^2`` and ``e = alpha^2 tau_k^2 + sigma^2``,
+
+    .. math:: \hat x_k = \mu_k + U_k (c \cdot \alpha\lambda_k / d)
+                         + y_\perp\, \alpha\tau_k^2 / e,
+
+    and ``eps``, ``v`` likewise with the gains of :func:`gaussian_prediction` (``sigma / d``;
+    ``alpha sigma (1 - lambda) / d``, offset ``-sigma mu_k``). The log posterior probabilities are
+    ``log pi_k - (|c|^2_{1/d} + sum log d + |y_perp|^2 / e + (D - r) log e) / 2`` (the marginal
+    ``N(alpha mu_k, alpha^2 C_k + sigma^2 I)``), normalised by a softmax; ``y_perp`` is formed
+    explicitly, not as ``|y|^2 - |c|^2``, which would cancel at low noise. ``gamma`` is a scalar or
+    one per latent. The projections run at full float32 precision on every backend.
+    """
+    _check_prediction(prediction)
     z = jnp.asarray(z, jnp.float32)
-    _check(z, fit.mean.shape[0], "gaussian_denoiser")
+    dim, rank = fit.vectors.shape[1:]
+    _check(z, dim, "mixture_prediction")
+    a2, s2 = _alpha2_sigma2(_per_example(gamma, z.shape[0]))  # [B, 1]
+    a, s = jnp.sqrt(a2), jnp.sqrt(s2)
+    hi = jax.lax.Precision.HIGHEST
+    values, tau2 = fit.values[:, None, :], fit.residual[:, None, None]  # [K,1,r], [K,1,1]
+    y = z[None] - a[None] * fit.means[:, None, :]  # [K, B, D]
+    coords = jnp.einsum("kbd,kdr->kbr", y, fit.vectors, precision=hi)
+    perp = y - jnp.einsum("kbr,kdr->kbd", coords, fit.vectors, precision=hi)
+    d = a2[None] * values + s2[None]  # [K, B, r]
+    e = a2[None] * tau2 + s2[None]  # [K, B, 1]
+    log_p = fit.log_weights[:, None] - 0.5 * (
+        jnp.sum(coords * coords / d + jnp.log(d), axis=-1)
+        + jnp.sum(perp * perp, axis=-1) / e[..., 0]
+        + (dim - rank) * jnp.log(e[..., 0])
+    )
+    post = jax.nn.softmax(log_p, axis=0)[..., None]  # [K, B, 1]
+    a, s = a[None], s[None]
+    if prediction == "x0":
+        gain, rest, offset = a * values / d, a * tau2 / e, fit.means[:, None, :]
+    elif prediction == "eps":
+        gain, rest, offset = s / d, s / e, 0.0
+    else:
+        gain = a * s * (1.0 - values) / d
+        rest = a * s * (1.0 - tau2) / e
+        offset = -s * fit.means[:, None, :]
+    each = offset + jnp.einsum("kbr,kdr->kbd", coords * gain, fit.vectors, precision=hi)
+    return jnp.sum(post * (each + perp * rest), axis=0)
+
+
+def gaussian_denoiser(z, gamma, fit: GaussianFit | MixtureFit) -> jax.Array:
+    """``E[x | z]`` for ``x ~ N(fit)`` (or the mixture ``fit``): ``[batch, dim]``; for one
+    Gaussian the best linear denoiser of the data ``fit`` was fitted to
+    (:func:`gaussian_prediction` of ``x``)."""
+    z = jnp.asarray(z, jnp.float32)
+    dim = fit.vectors.shape[1] if isinstance(fit, MixtureFit) else fit.mean.shape[0]
+    _check(z, dim, "gaussian_denoiser")
     return gaussian_prediction(z, gamma, fit, "x0")
 
 

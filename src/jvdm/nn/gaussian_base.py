@@ -28,6 +28,15 @@ real fit, and the trainer fits the run's training split
 call: the default train step on MNIST went from 17.58 to 17.67 GFLOP (XLA's count) and from 0.125
 to 0.134 GiB per device. It holds ``D^2`` floats (and as many again of optimizer state and EMA),
 so it is meant for images up to 32x32x3 (``D = 3,072``).
+
+**A mixture** (``components = K``, ``rank = r >= 1``): the base is then the posterior estimate of a
+mixture of ``K`` probabilistic PCA components (:class:`jvdm.reference_denoisers.MixtureFit`,
+fitted by k-means and each cluster's PPCA), which knows the data's clusters at high noise where one
+Gaussian averages them. Its collection holds ``log_weights [K]``, ``means [K, D]``, ``values [K,
+r]``, ``vectors [K, D, r]`` and ``residual [K]`` (the isotropic variance outside each component's
+``r`` directions, a floor that the full covariance's smallest eigenvalues do not have); the
+placeholder is ``K`` copies of ``N(0, I)``. It costs about ``6 K D r`` multiply-adds per image and
+holds ``K D (r + 1)`` values, so it has no size limit of its own.
 """
 
 from __future__ import annotations
@@ -57,24 +66,61 @@ class GaussianBase(nn.Module):
       prediction: what both output: ``"eps"``, ``"x0"`` or ``"v"``.
       log_snr_center: the log SNR where the base has half its weight; its weight is
         ``sigmoid(log_snr_center - log SNR)``, whole at high noise and gone at low noise.
+      components: the number of mixture components ``K`` (1 with ``rank = 0``: one Gaussian of
+        full covariance).
+      rank: each component's rank ``r`` (0: full covariance, one component only).
     """
 
     net: nn.Module
     prediction: str = "eps"
     log_snr_center: float = 0.0
+    components: int = 1
+    rank: int = 0
+
+    def _fit(self, dim: int):
+        """The fit's variables (created with the placeholder ``N(0, I)``), without gradient."""
+        if self.rank == 0:
+            if self.components != 1:
+                raise JvdmUserError(
+                    f"a Gaussian base of {self.components} components needs a rank >= 1 "
+                    "(model.gaussian_base_rank): a mixture of full covariances is not supported"
+                )
+            if dim > MAX_DIMS:
+                raise JvdmUserError(
+                    f"a Gaussian base holds a {dim}x{dim} covariance; it is meant for images of "
+                    f"at most {MAX_DIMS} values (32x32x3): set model.gaussian_base_rank (a "
+                    "low-rank fit) or model.gaussian_base=False"
+                )
+            names = {
+                "mean": (jnp.zeros, (dim,)),
+                "values": (jnp.ones, (dim,)),
+                "vectors": (lambda shape: jnp.eye(*shape), (dim, dim)),
+            }
+            kind = ref.GaussianFit
+        else:
+            k, r = self.components, self.rank
+            if not 1 <= r < dim:
+                raise JvdmUserError(
+                    f"model.gaussian_base_rank={r} must be below the image's {dim} values"
+                )
+            names = {
+                "log_weights": (lambda shape: jnp.full(shape, -math.log(k)), (k,)),
+                "means": (jnp.zeros, (k, dim)),
+                "values": (jnp.ones, (k, r)),
+                "vectors": (lambda shape: jnp.tile(jnp.eye(*shape[1:]), (k, 1, 1)), (k, dim, r)),
+                "residual": (jnp.ones, (k,)),
+            }
+            kind = ref.MixtureFit
+        leaves = (
+            self.variable(COLLECTION, name, lambda f=f, shape=shape: f(shape).astype(jnp.float32))
+            for name, (f, shape) in names.items()
+        )
+        return kind(*(jax.lax.stop_gradient(v.value) for v in leaves))
 
     @nn.compact
     def __call__(self, z: jax.Array, gamma, *, train: bool) -> jax.Array:
         dim = math.prod(z.shape[1:])
-        if dim > MAX_DIMS:
-            raise JvdmUserError(
-                f"a Gaussian base holds a {dim}x{dim} covariance; it is meant for images of at "
-                f"most {MAX_DIMS} values (32x32x3): set model.gaussian_base=False"
-            )
-        mean = self.variable(COLLECTION, "mean", jnp.zeros, (dim,), jnp.float32)
-        values = self.variable(COLLECTION, "values", jnp.ones, (dim,), jnp.float32)
-        vectors = self.variable(COLLECTION, "vectors", jnp.eye, dim, dtype=jnp.float32)
-        fit = ref.GaussianFit(*(jax.lax.stop_gradient(v.value) for v in (mean, values, vectors)))
+        fit = self._fit(dim)
         gamma = jnp.broadcast_to(jnp.asarray(gamma, jnp.float32), z.shape[:1])
         base = ref.gaussian_prediction(z.reshape(z.shape[0], dim), gamma, fit, self.prediction)
         base = base * jax.nn.sigmoid(self.log_snr_center + gamma)[:, None]  # gamma = -log SNR
