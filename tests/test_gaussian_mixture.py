@@ -131,6 +131,8 @@ def test_fit_mixture_is_seeded_and_refuses_what_it_cannot_fit():
         ref.fit_mixture(x[:30], 20, 2)
     with pytest.raises(JvdmUserError, match=r"rank=6: expected an integer in \[1, 5\]"):
         ref.fit_mixture(x, 2, 6)
+    with pytest.raises(JvdmUserError, match=r"fewer distinct images than the 3 mixture"):
+        ref.fit_mixture(np.repeat(x[:2], 50, axis=0), 3, 2)
     with pytest.raises(JvdmUserError, match=r"components=0"):
         ref.fit_mixture(x, 0, 2)
     with pytest.raises(JvdmUserError, match=r"shape \[N >= 2, dim\]"):

@@ -115,6 +115,10 @@ def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int) -> np.n
     nearest = np.full(len(x), np.inf)
     for _ in range(1, k):  # k-means++: each new centre drawn by squared distance to the chosen
         nearest = np.minimum(nearest, np.sum(np.square(x - centers[-1]), axis=1))
+        if not nearest.sum() > 0:
+            raise JvdmUserError(
+                f"the data has fewer distinct images than the {k} mixture components: use fewer"
+            )
         centers.append(x[rng.choice(len(x), p=nearest / nearest.sum())])
     centers = np.stack(centers)
     assign = None
@@ -124,10 +128,14 @@ def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int) -> np.n
         if assign is not None and np.array_equal(new, assign):
             break
         assign = new
+        far = dist.min(axis=1)
         for j in range(k):
             members = x[assign == j]
-            # An emptied cluster restarts at the point farthest from its centre.
-            centers[j] = members.mean(axis=0) if len(members) else x[np.argmax(dist.min(axis=1))]
+            if len(members):
+                centers[j] = members.mean(axis=0)
+            else:  # an emptied cluster restarts at the point farthest from every centre
+                centers[j] = x[np.argmax(far)]
+                far[np.argmax(far)] = -np.inf
     return assign
 
 
