@@ -115,33 +115,48 @@ def test_module_adds_the_weighted_gaussian_prediction_to_the_network(prediction)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 
-def _model(prediction, shape=(8, 8, 1), center=-2.0):
+def _image_mixture(rng, n=300, dim=64):
+    x = rng.uniform(-1, 1, size=(n, dim))
+    x[: n // 2, : dim // 2] = -1.0  # two kinds of image: half with a blank top
+    return ref.fit_mixture(x, 3, 2)
+
+
+def _model(prediction, shape=(8, 8, 1), center=-2.0, components=1, rank=0):
     net = UNet(
         channels=8, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(), num_groups=4
     )
+    base = GaussianBase(
+        net=net, prediction=prediction, log_snr_center=center, components=components, rank=rank
+    )
     return model_lib.VDM(
-        denoiser=GaussianBase(net=net, prediction=prediction, log_snr_center=center),
+        denoiser=base,
         schedule=FixedLinearGamma(gamma_min=-13.3, gamma_max=5.0),
         image_shape=shape,
         prediction=prediction,
     )
 
 
+@pytest.mark.parametrize("kind", ["full", "mixture"])
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_an_untrained_model_is_the_gaussian_denoiser_and_its_fit_gets_no_gradient(prediction):
+def test_an_untrained_model_is_the_gaussian_denoiser_and_its_fit_gets_no_gradient(prediction, kind):
     """The U-Net's last layer starts at zero, so the model starts as the fit's denoiser where the
     base has its whole weight (here everywhere: c = 40); the bound's gradient reaches the network
-    but not the fit."""
+    but not the fit. For one full Gaussian and for a mixture of 3 components of rank 2."""
     rng = np.random.default_rng(3)
-    fit = _image_fit(rng)
-    whole = model_lib.init(_model(prediction, center=40.0), jax.random.key(0), gaussian_fit=fit)
+    fit = _image_fit(rng) if kind == "full" else _image_mixture(rng)
+    sizes = {} if kind == "full" else {"components": 3, "rank": 2}
+    whole = model_lib.init(
+        _model(prediction, center=40.0, **sizes), jax.random.key(0), gaussian_fit=fit
+    )
     z = jnp.asarray(rng.standard_normal((4, 8, 8, 1)), jnp.float32)
     gamma = jnp.array([-12.0, -3.0, 0.0, 4.0])
     eps_hat, x0_hat = model_lib.predict_eps_x0(whole, z, gamma)
     want = ref.gaussian_prediction(z.reshape(4, -1), gamma, fit, "x0")
     np.testing.assert_allclose(np.asarray(x0_hat).reshape(4, -1), np.asarray(want), atol=2e-5)
 
-    params = model_lib.init(_model(prediction), jax.random.key(0), gaussian_fit=fit)
+    params = model_lib.init(_model(prediction, **sizes), jax.random.key(0), gaussian_fit=fit)
+    for name, value in fit._asdict().items():
+        np.testing.assert_array_equal(np.asarray(params.denoiser[COLLECTION][name]), value)
 
     images = jnp.asarray(rng.integers(0, 256, size=(4, 8, 8, 1)), jnp.uint8)
 

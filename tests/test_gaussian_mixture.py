@@ -1,6 +1,7 @@
 """The mixture base: a mixture of probabilistic PCA Gaussians, its three predictions against float64
-linear solves, its fit against an independent eigendecomposition, and the module that adds one to a
-network."""
+linear solves, its fit against an independent eigendecomposition, and the module's placeholder,
+shapes and config checks (the untrained model and the trainer run are in test_gaussian_base.py,
+with the one Gaussian's)."""
 
 import os
 
@@ -152,39 +153,6 @@ def _model(prediction, *, components=3, rank=2, center=-2.0, shape=(4, 4, 1)):
         image_shape=shape,
         prediction=prediction,
     )
-
-
-def _image_mixture(rng, n=300, dim=16):
-    x = rng.uniform(-1, 1, size=(n, dim))
-    x[: n // 2, : dim // 2] = -1.0  # two kinds of image: half with a blank top
-    return ref.fit_mixture(x, 3, 2)
-
-
-@pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_an_untrained_mixture_model_is_the_mixtures_denoiser_and_gets_no_gradient(prediction):
-    """As for one Gaussian: the untrained model is the mixture's denoiser where the base has its
-    whole weight, and the bound's gradient reaches the network but not the fit."""
-    rng = np.random.default_rng(4)
-    fit = _image_mixture(rng)
-    whole = model_lib.init(_model(prediction, center=40.0), jax.random.key(0), gaussian_fit=fit)
-    z = jnp.asarray(rng.standard_normal((4, 4, 4, 1)), jnp.float32)
-    gamma = jnp.array([-12.0, -3.0, 0.0, 4.0])
-    _, x0_hat = model_lib.predict_eps_x0(whole, z, gamma)
-    want = ref.mixture_prediction(z.reshape(4, -1), gamma, fit, "x0")
-    np.testing.assert_allclose(np.asarray(x0_hat).reshape(4, -1), np.asarray(want), atol=2e-5)
-
-    params = model_lib.init(_model(prediction), jax.random.key(0), gaussian_fit=fit)
-    images = jnp.asarray(rng.integers(0, 256, size=(4, 4, 4, 1)), jnp.uint8)
-
-    def loss(den):
-        terms = model_lib.loss_terms(params.replace(denoiser=den), images, jax.random.key(1))
-        return jnp.mean(terms["bpd"])
-
-    grads = jax.grad(loss)(params.denoiser)
-    assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(grads[COLLECTION]))
-    assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads["params"])) > 0.0
-    for name, value in fit._asdict().items():
-        np.testing.assert_array_equal(np.asarray(params.denoiser[COLLECTION][name]), value)
 
 
 def test_the_mixture_placeholder_is_the_standard_normal_and_fits_must_match():
