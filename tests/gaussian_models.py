@@ -68,3 +68,24 @@ class CorrelatedGaussianDenoiser(nn.Module):
         r = z.reshape(z.shape[0], -1) - jnp.sqrt(a2) * self.m
         w = (r @ u) / (a2 * lam[None, :] + s2)  # C^{-1} in the eigenbasis of Sigma
         return (jnp.sqrt(s2) * (w @ u.T)).reshape(z.shape)
+
+
+def gaussian_base_model(prediction, *, shape=(8, 8, 1), center=-2.0, components=1, rank=0):
+    """A tiny U-Net under a Gaussian base (one full Gaussian, or a mixture of ``components`` of
+    rank ``rank``) on a fixed linear schedule, for the base's tests."""
+    from jvdm import model as model_lib
+    from jvdm.nn.gaussian_base import GaussianBase
+    from jvdm.nn.unet import UNet
+
+    net = UNet(
+        channels=8, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(), num_groups=4
+    )
+    base = GaussianBase(
+        net=net, prediction=prediction, log_snr_center=center, components=components, rank=rank
+    )
+    return model_lib.VDM(
+        denoiser=base,
+        schedule=gamma_lib.FixedLinearGamma(gamma_min=-13.3, gamma_max=5.0),
+        image_shape=shape,
+        prediction=prediction,
+    )

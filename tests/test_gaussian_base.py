@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gaussian_models import gaussian_base_model
 from jvdm import build, optimizer
 from jvdm import config as config_lib
 from jvdm import model as model_lib
@@ -16,9 +17,7 @@ from jvdm import reference_denoisers as ref
 from jvdm import run as run_lib
 from jvdm import train as train_lib
 from jvdm.errors import JvdmUserError
-from jvdm.nn.gamma import FixedLinearGamma
 from jvdm.nn.gaussian_base import COLLECTION, GaussianBase
-from jvdm.nn.unet import UNet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,21 +120,6 @@ def _image_mixture(rng, n=300, dim=64):
     return ref.fit_mixture(x, 3, 2)
 
 
-def _model(prediction, shape=(8, 8, 1), center=-2.0, components=1, rank=0):
-    net = UNet(
-        channels=8, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(), num_groups=4
-    )
-    base = GaussianBase(
-        net=net, prediction=prediction, log_snr_center=center, components=components, rank=rank
-    )
-    return model_lib.VDM(
-        denoiser=base,
-        schedule=FixedLinearGamma(gamma_min=-13.3, gamma_max=5.0),
-        image_shape=shape,
-        prediction=prediction,
-    )
-
-
 @pytest.mark.parametrize("kind", ["full", "mixture"])
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_an_untrained_model_is_the_gaussian_denoiser_and_its_fit_gets_no_gradient(prediction, kind):
@@ -146,7 +130,7 @@ def test_an_untrained_model_is_the_gaussian_denoiser_and_its_fit_gets_no_gradien
     fit = _image_fit(rng) if kind == "full" else _image_mixture(rng)
     sizes = {} if kind == "full" else {"components": 3, "rank": 2}
     whole = model_lib.init(
-        _model(prediction, center=40.0, **sizes), jax.random.key(0), gaussian_fit=fit
+        gaussian_base_model(prediction, center=40.0, **sizes), jax.random.key(0), gaussian_fit=fit
     )
     z = jnp.asarray(rng.standard_normal((4, 8, 8, 1)), jnp.float32)
     gamma = jnp.array([-12.0, -3.0, 0.0, 4.0])
@@ -154,7 +138,9 @@ def test_an_untrained_model_is_the_gaussian_denoiser_and_its_fit_gets_no_gradien
     want = ref.gaussian_prediction(z.reshape(4, -1), gamma, fit, "x0")
     np.testing.assert_allclose(np.asarray(x0_hat).reshape(4, -1), np.asarray(want), atol=2e-5)
 
-    params = model_lib.init(_model(prediction, **sizes), jax.random.key(0), gaussian_fit=fit)
+    params = model_lib.init(
+        gaussian_base_model(prediction, **sizes), jax.random.key(0), gaussian_fit=fit
+    )
     for name, value in fit._asdict().items():
         np.testing.assert_array_equal(np.asarray(params.denoiser[COLLECTION][name]), value)
 
@@ -173,7 +159,7 @@ def test_an_untrained_model_is_the_gaussian_denoiser_and_its_fit_gets_no_gradien
 
 
 def test_init_without_a_fit_is_the_standard_normal_and_bad_fits_are_refused():
-    model = _model("v")
+    model = gaussian_base_model("v")
     params = model_lib.init(model, jax.random.key(0))
     base = params.denoiser[COLLECTION]
     np.testing.assert_array_equal(np.asarray(base["mean"]), 0.0)
@@ -188,7 +174,7 @@ def test_init_without_a_fit_is_the_standard_normal_and_bad_fits_are_refused():
     with pytest.raises(JvdmUserError, match="no Gaussian base"):
         model_lib.with_gaussian_fit(model_lib.init(plain, jax.random.key(0)), other)
     with pytest.raises(JvdmUserError, match="model.gaussian_base=False"):
-        model_lib.init(_model("v", shape=(40, 40, 3)), jax.random.key(0))
+        model_lib.init(gaussian_base_model("v", shape=(40, 40, 3)), jax.random.key(0))
 
 
 @pytest.mark.parametrize("components,rank", [(1, 0), (4, 8)])

@@ -10,13 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gaussian_models import gaussian_base_model
 from jvdm import config as config_lib
 from jvdm import model as model_lib
 from jvdm import reference_denoisers as ref
 from jvdm.errors import JvdmUserError
-from jvdm.nn.gamma import FixedLinearGamma
-from jvdm.nn.gaussian_base import COLLECTION, GaussianBase
-from jvdm.nn.unet import UNet
+from jvdm.nn.gaussian_base import COLLECTION
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -140,19 +139,8 @@ def test_fit_mixture_is_seeded_and_refuses_what_it_cannot_fit():
         ref.fit_mixture(x[0], 2, 2)
 
 
-def _model(prediction, *, components=3, rank=2, center=-2.0, shape=(4, 4, 1)):
-    net = UNet(
-        channels=8, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(), num_groups=4
-    )
-    base = GaussianBase(
-        net=net, prediction=prediction, log_snr_center=center, components=components, rank=rank
-    )
-    return model_lib.VDM(
-        denoiser=base,
-        schedule=FixedLinearGamma(gamma_min=-13.3, gamma_max=5.0),
-        image_shape=shape,
-        prediction=prediction,
-    )
+def _model(prediction, *, components=3, rank=2):
+    return gaussian_base_model(prediction, shape=(4, 4, 1), components=components, rank=rank)
 
 
 def test_the_mixture_placeholder_is_the_standard_normal_and_fits_must_match():
