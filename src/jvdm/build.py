@@ -91,11 +91,14 @@ def gaussian_fit(config):
     from jvdm import reference_denoisers
 
     d = config.data
-    # The arguments as the trainer's sampler passes them, so both share one cached fit.
-    args = (d.name, d.train_split, d.data_dir, VDM.vocab_size)
-    if m.gaussian_base_components == 1 and m.gaussian_base_rank == 0:
-        return reference_denoisers.fit_split(*args)
-    return reference_denoisers.fit_split(*args, m.gaussian_base_components, m.gaussian_base_rank)
+    return reference_denoisers.fit_split(
+        d.name,
+        d.train_split,
+        d.data_dir,
+        VDM.vocab_size,
+        m.gaussian_base_components,
+        m.gaussian_base_rank,
+    )
 
 
 def init_params(config, key: jax.Array) -> VDMParams:

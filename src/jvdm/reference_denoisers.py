@@ -63,9 +63,11 @@ __all__ = [
     "empirical_denoiser",
     "fit_gaussian",
     "fit_mixture",
+    "fit_dim",
     "fit_split",
     "gaussian_denoiser",
     "gaussian_prediction",
+    "is_mixture",
     "mixture_prediction",
 ]
 
@@ -190,7 +192,27 @@ def fit_mixture(x, components: int, rank: int, *, seed: int = 0, iters: int = 10
     )
 
 
-@functools.lru_cache(maxsize=4)
+def is_mixture(components: int, rank: int) -> bool:
+    """Whether ``components`` and ``rank`` describe a mixture (``rank >= 1``) rather than one
+    Gaussian of full covariance (``components = 1``, ``rank = 0``), the one rule that
+    :func:`fit_split` and :class:`jvdm.nn.gaussian_base.GaussianBase` follow.
+
+    Raises:
+      JvdmUserError: ``rank = 0`` with more than one component (no mixture of full covariances).
+    """
+    if rank == 0 and components != 1:
+        raise JvdmUserError(
+            f"a mixture of {components} Gaussian components needs a rank >= 1 "
+            "(model.gaussian_base_rank): a mixture of full covariances is not supported"
+        )
+    return rank != 0
+
+
+def fit_dim(fit: GaussianFit | MixtureFit) -> int:
+    """The number of values ``D`` of the flattened images ``fit`` describes."""
+    return int(fit.vectors.shape[-2])
+
+
 def fit_split(
     dataset: str,
     split: str,
@@ -201,24 +223,26 @@ def fit_split(
 ):
     """:func:`fit_gaussian` (``rank = 0``: one Gaussian, full covariance) or :func:`fit_mixture`
     (``components`` of rank ``rank``) of a prepared dataset split's images, scaled to the model's
-    [-1, 1] (:func:`jvdm.decoder.scale_pixels`) and flattened; the last few are kept in memory.
+    [-1, 1] (:func:`jvdm.decoder.scale_pixels`) and flattened; the last few are kept in memory,
+    keyed by the arguments' values however they are passed.
 
     One full Gaussian holds a ``dim x dim`` matrix (2.4 MB for 28x28x1, 38 MB for 32x32x3) and its
     float64 eigendecomposition costs ``O(dim^3)``: meant for images up to about 64x64x1 or 32x32x3.
-    A mixture holds ``components x dim x rank`` values.
+    A mixture holds ``components x dim x (rank + 1)`` values.
     """
+    is_mixture(components, rank)
+    return _fit_split(dataset, split, data_dir, vocab_size, components, rank)
+
+
+@functools.lru_cache(maxsize=4)
+def _fit_split(dataset, split, data_dir, vocab_size, components, rank):
     from jvdm import data, decoder
 
     images = data.load_split_array(dataset, split, data_dir)
     flat = np.asarray(decoder.scale_pixels(images, vocab_size)).reshape(len(images), -1)
-    if rank == 0:
-        if components != 1:
-            raise JvdmUserError(
-                f"components={components} needs a rank >= 1 (a mixture of full covariances is "
-                "not supported): set the rank"
-            )
-        return fit_gaussian(flat)
-    return fit_mixture(flat, components, rank)
+    if is_mixture(components, rank):
+        return fit_mixture(flat, components, rank)
+    return fit_gaussian(flat)
 
 
 def _check(z, dim: int, name: str) -> None:
@@ -343,8 +367,7 @@ def gaussian_denoiser(z, gamma, fit: GaussianFit | MixtureFit) -> jax.Array:
     Gaussian the best linear denoiser of the data ``fit`` was fitted to
     (:func:`gaussian_prediction` of ``x``)."""
     z = jnp.asarray(z, jnp.float32)
-    dim = fit.vectors.shape[1] if isinstance(fit, MixtureFit) else fit.mean.shape[0]
-    _check(z, dim, "gaussian_denoiser")
+    _check(z, fit_dim(fit), "gaussian_denoiser")
     return gaussian_prediction(z, gamma, fit, "x0")
 
 

@@ -198,12 +198,9 @@ def _check_gaussian(params, steps: int, fit, gaussian_steps) -> int:
             f"gaussian_steps={k} must be below steps={steps}: the model takes the steps after it"
         )
     dim = math.prod(params.model.image_shape)
-    if isinstance(fit, ref.MixtureFit):
-        got, ok = tuple(np.shape(fit.vectors)), np.shape(fit.vectors)[1:2] == (dim,)
-    else:
-        got = None if fit is None else tuple(np.shape(fit.mean))
-        ok = fit is not None and got == (dim,) and np.shape(fit.vectors) == (dim, dim)
-    if not ok:
+    kinds = (ref.GaussianFit, ref.MixtureFit)
+    if not isinstance(fit, kinds) or ref.fit_dim(fit) != dim:
+        got = f"{ref.fit_dim(fit)} values" if isinstance(fit, kinds) else type(fit).__name__
         raise JvdmUserError(
             f"gaussian_steps={k} needs gaussian_fit, a GaussianFit or MixtureFit of the training "
             f"images flattened to {dim} values (jvdm.reference_denoisers.fit_split); got {got}"

@@ -80,12 +80,7 @@ class GaussianBase(nn.Module):
 
     def _fit(self, dim: int):
         """The fit's variables (created with the placeholder ``N(0, I)``), without gradient."""
-        if self.rank == 0:
-            if self.components != 1:
-                raise JvdmUserError(
-                    f"a Gaussian base of {self.components} components needs a rank >= 1 "
-                    "(model.gaussian_base_rank): a mixture of full covariances is not supported"
-                )
+        if not ref.is_mixture(self.components, self.rank):
             if dim > MAX_DIMS:
                 raise JvdmUserError(
                     f"a Gaussian base holds a {dim}x{dim} covariance; it is meant for images of "
