@@ -45,6 +45,7 @@ PLAN = {
     ),  # fmt: skip
     "devices": ([], ["--counts", "1", "2", "--batch", "8", "--steps", "1"]),
     "data": ([], ["--batches", "5"]),
+    "mixture_base": ([], ["--shapes", "mnist", "--reps", "1"]),
     "profile_step": ([], ["--batch", "8", "--steps", "1", "--top", "10"]),
     "step_ceiling": ([], ["--batch", "8", "--rounds", "1", "--top", "5"]),
     "configs": ([], ["--only", "c16_r1_noattn_b128", "--steps", "1"]),

@@ -81,6 +81,28 @@ def test_mixture_prediction_matches_float64(prediction, gamma):
     np.testing.assert_allclose(got, want, atol=atol)
 
 
+@pytest.mark.parametrize("gamma", [-4.0, -1.0, 0.0, 2.0])
+def test_mixture_prediction_moves_with_the_data(gamma):
+    """Two routes to one estimate: data shifted by ``m`` gives latents shifted by ``alpha m`` and
+    estimates of ``x`` shifted by ``m`` (``eps`` unchanged). A common offset as large as 20 in
+    every coordinate (MNIST's backgrounds are a common -1) must cost no more than float32
+    rounding of ``|z|``: the squared norms are formed about the mixture's own mean, not about 0,
+    where they would be differences of sums ~ ``D alpha^2 m^2``."""
+    rng = np.random.default_rng(3)
+    x, _ = _clusters(rng, d=40, gap=3.0)
+    shift = np.full(x.shape[1], 20.0)
+    fit, moved = ref.fit_mixture(x, 3, 4), ref.fit_mixture(x + shift, 3, 4)
+    a, s = _alpha_sigma(gamma)
+    clean = np.concatenate([x[[0, 400, 900]], 0.5 * (x[:3] + x[300:303])])
+    z = a * clean + s * rng.standard_normal(clean.shape)
+    for prediction, offset in (("x0", shift), ("eps", 0.0)):
+        want = np.asarray(ref.gaussian_prediction(z, gamma, fit, prediction)) + offset
+        got = np.asarray(ref.gaussian_prediction(z + a * shift, gamma, moved, prediction))
+        # float32 rounding of z + alpha m (|.| <= 30: 2e-6) through x_hat's gain or 1 / sigma.
+        tol = 4e-6 * 30 * (1.0 if prediction == "x0" else 1.0 / s) + 1e-5
+        assert np.abs(got - want).max() <= tol, (prediction, np.abs(got - want).max(), tol)
+
+
 def test_one_component_of_rank_d_minus_1_is_the_full_gaussian():
     """Two routes to one denoiser: PPCA of rank D - 1 keeps the smallest eigenvalue as the rest's
     variance, so it is the full covariance, and the mixture of one is fit_gaussian's Gaussian."""
