@@ -45,6 +45,7 @@ def test_data_prepare_unknown_dataset(capsys):
         (["--config.model.dropout=2.0"], ["config.model.dropout=2.0 is invalid"]),
         (["eval.sample_grid=log"], ["config.eval.sample_grid='log'", "time, lambda"]),
         (["eval.sample_gaussian_steps=4"], ["sample_gaussian_steps=4 is invalid", "0..3"]),
+        (["eval.sample_gaussian_components=3"], ["sample_gaussian_rank=0 is invalid", "3 comp"]),
         (["--config.model.channels"], ["has no value", "--config.model.channels=VALUE"]),
         (["model.channels"], ["unrecognised argument 'model.channels'", "section.field=value"]),
     ],
@@ -229,9 +230,9 @@ def test_sample_with_a_gaussian_start(tmp_path, capsys, monkeypatch):
     fitted = []
     real_fit = ref.fit_split
 
-    def recording(*args):
-        fitted.append(args[:2])
-        return real_fit(*args)
+    def recording(*args, **kw):
+        fitted.append((*args[:2], kw.get("components", 1), kw.get("rank", 0)))
+        return real_fit(*args, **kw)
 
     monkeypatch.setattr(ref, "fit_split", recording)
     base = ["sample", "--workdir", str(tmp_path), "--n", "8", "--steps", "3"]
@@ -243,7 +244,19 @@ def test_sample_with_a_gaussian_start(tmp_path, capsys, monkeypatch):
         assert cli.main(argv) == 0
         assert json.loads(capsys.readouterr().out)["gaussian_steps"] == k
         arrays[k] = np.load(npy)
-    assert fitted == [("digits", "train")]  # the saved config's dataset and training split
+    # A mixture of the same split: its own fit, and a chain apart from the one Gaussian's.
+    npy = tmp_path / "mix.npy"
+    argv = base + ["--gaussian-steps", "2", "--gaussian-components", "2", "--gaussian-rank", "3"]
+    assert cli.main(argv + ["--save-npy", str(npy), "--out", str(tmp_path / "mix.png")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["gaussian_components"], out["gaussian_rank"]) == (2, 3)
+    assert not np.array_equal(np.load(npy), arrays[2])
+    # the saved config's dataset and training split, with each fit's components and rank
+    assert fitted == [("digits", "train", 1, 0), ("digits", "train", 2, 3)]
     assert arrays[2].shape == arrays[0].shape and not np.array_equal(arrays[2], arrays[0])
     assert cli.main(base + ["--gaussian-steps", "3"]) == 2
     assert "gaussian_steps=3 must be below steps=3" in _error_line(capsys)
+    assert cli.main(base + ["--gaussian-steps", "1", "--gaussian-components", "4"]) == 2
+    assert "--gaussian-rank 0 with --gaussian-components 4" in _error_line(capsys)
+    assert cli.main(base + ["--gaussian-components", "4", "--gaussian-rank", "2"]) == 2
+    assert "give --gaussian-steps K >= 1 too" in _error_line(capsys)

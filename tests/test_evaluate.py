@@ -333,16 +333,22 @@ def test_the_trainers_samples_take_a_gaussian_start_from_the_training_split(tmp_
         train_split="train",
     )
     fitted, real_fit = [], ref.fit_split
-    monkeypatch.setattr(ref, "fit_split", lambda *a: fitted.append(a) or real_fit(*a))
+    monkeypatch.setattr(
+        ref, "fit_split", lambda *a, **kw: fitted.append((a, kw)) or real_fit(*a, **kw)
+    )
     key = jax.random.key(0)
     out = {}
-    for k in (0, 3):
-        workdir = tmp_path / f"k{k}"
+    for k, comps, rank in ((0, 1, 0), (3, 1, 0), (3, 2, 3)):
+        workdir = tmp_path / f"k{k}_{comps}"
         workdir.mkdir()
-        spec_k = dataclasses.replace(spec, gaussian_steps=k)
+        spec_k = dataclasses.replace(
+            spec, gaussian_steps=k, gaussian_components=comps, gaussian_rank=rank
+        )
         result = train_log.evaluate_and_save(spec_k, state, str(workdir), 1, draws=1, key=key)
-        out[k] = result
-    assert fitted == [("digits", "train", None, 256)]  # only for k > 0, of the training split
+        out[k, comps] = result
+    # Only for k > 0, of the training split, with the spec's components and rank.
+    args = ("digits", "train", None, 256)
+    assert fitted == [(args, dict(components=1, rank=0)), (args, dict(components=2, rank=3))]
     # Same evaluation of the bound, different samples.
-    assert out[3]["bpd_mean"] == out[0]["bpd_mean"]
-    assert out[3]["samples_bpd"] != out[0]["samples_bpd"]
+    assert out[3, 1]["bpd_mean"] == out[0, 1]["bpd_mean"] == out[3, 2]["bpd_mean"]
+    assert len({out[key]["samples_bpd"] for key in out}) == 3

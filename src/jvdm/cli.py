@@ -131,6 +131,20 @@ def _add_gaussian_steps(p) -> None:
         help="the first K steps take x0_hat from the Gaussian fitted to the run's training split "
         "(its best linear denoiser) instead of the model (default 0: the model throughout)",
     )
+    p.add_argument(
+        "--gaussian-components",
+        type=_positive_int,
+        default=1,
+        help="with --gaussian-steps: a mixture of this many Gaussians instead of one "
+        "(jvdm.fit_mixture; needs --gaussian-rank)",
+    )
+    p.add_argument(
+        "--gaussian-rank",
+        type=int,
+        default=0,
+        help="with --gaussian-steps: each mixture component's rank (default 0: one Gaussian "
+        "of full covariance)",
+    )
 
 
 def _add_data_parser(sub) -> None:

@@ -115,7 +115,7 @@ def sample(args) -> int:
         eta=args.eta,
         batch_size=args.batch_size,
         grid=args.grid,
-        **_gaussian_start(args.gaussian_steps, params, config, args.data_dir),
+        **_gaussian_start(args, params, config),
     )
     out = args.out or os.path.join(run.resolve_checkpoint(args.workdir)[0], "samples.png")
     viz.save_image_grid(images, out)
@@ -132,6 +132,8 @@ def sample(args) -> int:
                 "steps": args.steps or sampling.default_steps(params.model, args.sampler),
                 "grid": args.grid or sampling.default_grid(params.model, args.sampler),
                 "gaussian_steps": args.gaussian_steps,
+                "gaussian_components": args.gaussian_components,
+                "gaussian_rank": args.gaussian_rank,
             }
         )
     )
@@ -172,15 +174,34 @@ def eval_(args) -> int:
     return 0
 
 
-def _gaussian_start(k: int, params, config, data_dir) -> dict:
+def _gaussian_start(args, params, config) -> dict:
     """``sample``'s ``gaussian_fit`` and ``gaussian_steps`` for ``--gaussian-steps K``: the
-    Gaussian of the run's own training split (``config.data``), fitted only when ``K > 0``."""
+    Gaussian (or, with ``--gaussian-components`` and ``--gaussian-rank``, the mixture) of the
+    run's own training split (``config.data``), fitted only when ``K > 0``."""
+    k, components, rank = args.gaussian_steps, args.gaussian_components, args.gaussian_rank
+    if rank < 0 or (rank == 0 and components != 1):
+        raise JvdmUserError(
+            f"--gaussian-rank {rank} with --gaussian-components {components}: a mixture needs "
+            "a rank >= 1 (0 is one Gaussian of full covariance, with one component)"
+        )
+    if not k and (components, rank) != (1, 0):
+        raise JvdmUserError(
+            "--gaussian-components and --gaussian-rank choose the fit that --gaussian-steps K "
+            "uses: give --gaussian-steps K >= 1 too"
+        )
     if not k:
         return {"gaussian_steps": k}
     from jvdm import reference_denoisers as ref
 
     d = config.data
-    fit = ref.fit_split(d.name, d.train_split, data_dir or d.data_dir, params.model.vocab_size)
+    fit = ref.fit_split(
+        d.name,
+        d.train_split,
+        args.data_dir or d.data_dir,
+        params.model.vocab_size,
+        components=components,
+        rank=rank,
+    )
     return {"gaussian_fit": fit, "gaussian_steps": k}
 
 
@@ -204,7 +225,7 @@ def score(args) -> int:
         steps=args.steps,
         sampler=args.sampler,
         grid=args.grid,
-        **_gaussian_start(args.gaussian_steps, params, config, args.data_dir),
+        **_gaussian_start(args, params, config),
     )
     seconds = time.perf_counter() - start
     result = quality.sample_quality(
@@ -217,6 +238,8 @@ def score(args) -> int:
     grid = args.grid or sampling.default_grid(params.model, args.sampler)
     result.update(sampler=args.sampler, steps=steps, grid=grid, sample_seconds=seconds)
     result["gaussian_steps"] = args.gaussian_steps
+    result["gaussian_components"] = args.gaussian_components
+    result["gaussian_rank"] = args.gaussian_rank
     result["table"] = quality.format_table(result).splitlines()
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0

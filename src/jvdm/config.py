@@ -184,6 +184,10 @@ def _add_training_sections(c: ml_collections.ConfigDict) -> None:
     # The first k of the sample_steps steps take x0_hat from the Gaussian fitted to the training
     # split, its best linear denoiser (jvdm.sample's gaussian_steps; 0: the model throughout).
     c.eval.sample_gaussian_steps = 0
+    # ... or from a mixture of this many PPCA Gaussians of this rank (jvdm.fit_mixture; 1 and 0:
+    # one Gaussian of full covariance).
+    c.eval.sample_gaussian_components = 1
+    c.eval.sample_gaussian_rank = 0
     c.eval.final_draws = 4
     # Score each evaluation's samples in a dataset classifier's features (jvdm.quality; the
     # classifier is trained once per dataset and cached in the data directory).

@@ -196,4 +196,18 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         e.sample_gaussian_steps,
         f"must lie in 0..{e.sample_steps - 1} (below eval.sample_steps)",
     )
+    need(
+        e.sample_gaussian_components >= 1,
+        "eval.sample_gaussian_components",
+        e.sample_gaussian_components,
+        "must be >= 1 (1: one Gaussian; more: a mixture of rank eval.sample_gaussian_rank)",
+    )
+    need(
+        e.sample_gaussian_rank >= 1
+        or (e.sample_gaussian_rank == 0 and e.sample_gaussian_components == 1),
+        "eval.sample_gaussian_rank",
+        e.sample_gaussian_rank,
+        f"must be >= 1 with {e.sample_gaussian_components} components (0, full covariance, is "
+        "for one Gaussian)",
+    )
     return c

@@ -147,6 +147,8 @@ class EvalSpec:
       sample_grid: the sampler's grid (``config.eval.sample_grid``; ``None``: its default).
       gaussian_steps: :func:`jvdm.sample`'s ``gaussian_steps`` (``config.eval.
         sample_gaussian_steps``), with the Gaussian of ``train_split`` (``config.data``).
+      gaussian_components, gaussian_rank: that fit's (``config.eval.sample_gaussian_*``; 1 and
+        0: one Gaussian; more: :func:`jvdm.fit_mixture`).
     """
 
     dataset: str
@@ -160,6 +162,8 @@ class EvalSpec:
     sample_grid: str | None = None
     gaussian_steps: int = 0
     train_split: str = "train"
+    gaussian_components: int = 1
+    gaussian_rank: int = 0
 
 
 def evaluate_and_save(spec: EvalSpec, state, workdir: str, step: int, *, draws: int, key) -> dict:
@@ -196,7 +200,14 @@ def evaluate_and_save(spec: EvalSpec, state, workdir: str, step: int, *, draws: 
         sampler=spec.sampler,
         grid=spec.sample_grid,
         gaussian_fit=(
-            ref.fit_split(spec.dataset, spec.train_split, spec.data_dir, params.model.vocab_size)
+            ref.fit_split(
+                spec.dataset,
+                spec.train_split,
+                spec.data_dir,
+                params.model.vocab_size,
+                components=spec.gaussian_components,
+                rank=spec.gaussian_rank,
+            )
             if spec.gaussian_steps
             else None
         ),

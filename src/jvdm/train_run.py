@@ -78,6 +78,8 @@ def loop_settings(config) -> dict[str, Any]:
             use_quality=bool(e.use_quality),
             sample_grid=e.sample_grid,
             gaussian_steps=int(e.sample_gaussian_steps),
+            gaussian_components=int(e.sample_gaussian_components),
+            gaussian_rank=int(e.sample_gaussian_rank),
             train_split=str(d.train_split),
         ),
         variance_spec=train_log.VarianceSpec(
