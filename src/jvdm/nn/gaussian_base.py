@@ -36,8 +36,8 @@ fitted by k-means and each cluster's PPCA), which knows the data's clusters at h
 Gaussian averages them. Its collection holds ``log_weights [K]``, ``means [K, D]``, ``values [K,
 r]``, ``vectors [K, D, r]`` and ``residual [K]`` (the isotropic variance outside each component's
 ``r`` directions, a floor that the full covariance's smallest eigenvalues do not have); the
-placeholder is ``K`` copies of ``N(0, I)``. It costs about ``3 K D r`` multiply-adds per image and
-holds ``K D (r + 1)`` values, so it has no size limit of its own.
+placeholder is ``K`` copies of ``N(0, I)``. It costs about ``2 K D r`` multiply-adds per image,
+holds ``K D (r + 1)`` values and forms no ``[K, B, D]`` array, so it has no size limit of its own.
 """
 
 from __future__ import annotations
