@@ -18,7 +18,8 @@ Usage: ``python bench/validation_quality.py RUN[:STEP] [RUN ...] [--n 256] [--st
 ``--grids`` scores each run on each grid (``default`` is the sampler's own, :func:`jvdm.sampling.
 default_grid`); ``--sampler ddim --eta 1`` is the ancestral chain on the ``lambda`` grid.
 ``--gaussian-steps`` scores each run with each ``k`` of :func:`jvdm.sample`'s ``gaussian_steps``
-(the first ``k`` steps replaced by the marginal of the Gaussian fitted to ``train[:K]``).
+(the first ``k`` steps take ``x0_hat`` from the Gaussian fitted to ``train[:K]``, or with
+``--gaussian-components C --gaussian-rank R`` from a mixture of ``C`` PPCA Gaussians).
 """
 
 from __future__ import annotations
@@ -100,6 +101,13 @@ def main() -> int:
         help="score each run with each k of sampling.sample's gaussian_steps (the Gaussian of "
         "train[:K] for the first k steps; 0: the model throughout)",
     )
+    parser.add_argument(
+        "--gaussian-components",
+        type=int,
+        default=1,
+        help="with --gaussian-steps: a mixture of this many components instead of one Gaussian",
+    )
+    parser.add_argument("--gaussian-rank", type=int, default=0, help="the mixture's rank")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     load_before = _common.loadavg()
@@ -131,7 +139,11 @@ def main() -> int:
                     from jvdm import reference_denoisers as ref
 
                     flat = decoder.scale_pixels(scorer.fit, params.model.vocab_size)
-                    fit = ref.fit_gaussian(np.asarray(flat).reshape(len(flat), -1))
+                    flat = np.asarray(flat).reshape(len(flat), -1)
+                    if ref.is_mixture(args.gaussian_components, args.gaussian_rank):
+                        fit = ref.fit_mixture(flat, args.gaussian_components, args.gaussian_rank)
+                    else:
+                        fit = ref.fit_gaussian(flat)
             elif config.data.name != scorer.dataset:
                 raise SystemExit(f"{spec}: dataset {config.data.name!r}, not {scorer.dataset!r}")
             start = time.perf_counter()
@@ -155,6 +167,7 @@ def main() -> int:
                     "params": "params" if raw else "ema_params",
                     "grid": grid,
                     "gaussian_steps": gaussian_steps,
+                    "gaussian_fit": [args.gaussian_components, args.gaussian_rank],
                     "seconds": time.perf_counter() - start,
                     "final_val_bpd": _final_val_bpd(workdir),
                     "config": {
