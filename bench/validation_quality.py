@@ -3,7 +3,9 @@
 Runs trained with ``data.train_split='train[:K]' data.eval_split='train[K:]'`` are compared here:
 for each run (its latest checkpoint, or ``RUN:STEP``) ``N`` samples are drawn with one key and
 scored in the dataset classifier's features (:mod:`jvdm.quality`) against the *validation* images
-``train[K:]``, never the test split. The floor is ``N`` images of ``train[:K]`` scored the same way.
+``train[K:]``, never the test split. The floor is ``N`` images of ``train[:K]`` scored the same way
+(its ``nn_distance`` and ``memorised``, against ``train[:K]`` like the samples', are of ``N``
+validation images: a training image is its own nearest neighbour).
 Each row also gives the share of exactly-zero pixels, the run's final validation bpd from its
 ``metrics.jsonl`` and the config fields that the comparison is usually about. ``--raw`` scores the
 raw parameters beside the EMA ones (``jvdm.load`` gives the EMA).
@@ -68,17 +70,21 @@ class _Scorer:
         self.dataset = dataset
         self.clf = get_classifier(Recipe(dataset), data_dir)
         train = data.load_split_array(dataset, "train", data_dir)
-        self.fit, val = train[:split_at], train[split_at:]
-        _, self.ref = self.clf.apply(val)
+        self.fit, self.val = train[:split_at], train[split_at:]
+        _, self.ref = self.clf.apply(self.val)
 
-    def __call__(self, images) -> dict:
+    def __call__(self, images, copy_probe=None) -> dict:
+        """The metrics of ``images``; ``nn_distance`` and ``memorised`` (against ``train[:K]``)
+        of ``copy_probe`` instead where given (the floor's training images would be their own
+        nearest neighbours)."""
         import numpy as np
 
         from jvdm import quality
 
         logits, feats = self.clf.apply(images)
         out = quality._metrics(logits, feats, self.ref, self.clf.module.num_classes)
-        return {**out, "zero_share": float(np.mean(images == 0))}
+        copies = quality._copying(images if copy_probe is None else copy_probe, self.fit)
+        return {**out, **copies, "zero_share": float(np.mean(images == 0))}
 
 
 def main() -> int:
@@ -132,7 +138,7 @@ def main() -> int:
             if scorer is None:
                 scorer = _Scorer(config.data.name, config.data.data_dir, args.split_at)
                 pick = np.random.default_rng(0).choice(len(scorer.fit), args.n, replace=False)
-                floor = scorer(scorer.fit[pick])
+                floor = scorer(scorer.fit[pick], copy_probe=scorer.val[: args.n])
                 fit = None
                 if any(args.gaussian_steps):
                     from jvdm import decoder

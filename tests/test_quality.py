@@ -97,6 +97,44 @@ def test_precision_and_recall_follow_a_known_overlap():
     assert p_far == pytest.approx(p_same / 2, abs=0.04)
 
 
+def test_nearest_training_distances_match_a_brute_force_loop():
+    """Nearest and second-nearest distances against every pair, exact copies and near-copies
+    (1e-7 off, where the float32 shortlist's expansion cancels) included."""
+    rng = np.random.default_rng(0)
+    train = rng.uniform(0, 1, (300, 50))
+    images = np.concatenate(
+        [rng.uniform(0, 1, (20, 50)), train[:5], train[5:10] + 1e-7, 0.5 * (train[10:15] + 1)]
+    )
+    got = quality.nearest_training_distances(images, train, chunk=7)
+    for i, x in enumerate(images):
+        want = np.sort([np.sqrt(np.sum((x - y) ** 2)) for y in train])[:2]
+        np.testing.assert_allclose(got[i], want, rtol=1e-12, atol=1e-15)
+    assert np.all(got[20:25, 0] == 0.0)
+    np.testing.assert_allclose(got[25:30, 0], 1e-7 * np.sqrt(50), rtol=1e-6)
+    with pytest.raises(JvdmUserError, match="same size"):
+        quality.nearest_training_distances(images[:, :10], train)
+
+
+def test_copies_of_training_images_count_as_memorised():
+    """Gu et al.'s rule: a copy's nearest training image is 0 away, so it is memorised; a new
+    image between two training images is not; one near a training image is, by the ratio."""
+    rng = np.random.default_rng(1)
+    train = rng.integers(0, 256, (200, 8, 8, 1)).astype(np.uint8)
+    copies = quality._copying(train[:50], train)
+    assert copies == {"nn_distance": 0.0, "memorised": 1.0}
+    between = (train[:50].astype(np.int32) + train[50:100]) // 2
+    assert quality._copying(between.astype(np.uint8), train)["memorised"] == 0.0
+    # A training image moved by a share f of the distance d to its nearest other training image:
+    # its nearest is itself, f d away, its second between (1 - f) d and (1 + f) d, by the
+    # triangle inequality. So f = 0.2 is memorised (ratio <= 1/4) and f = 0.6 is not (>= 3/8).
+    d = quality.nearest_training_distances(train[:1] / 255.0, train[1:] / 255.0)[0, 0]
+    for share, memorised in ((0.2, True), (0.6, False)):
+        moved = train[:1] / 255.0 + share * d * np.eye(64)[0].reshape(1, 8, 8, 1)
+        near = quality.nearest_training_distances(moved, train / 255.0)[0]
+        assert near[0] == pytest.approx(share * d)
+        assert (near[0] < quality.MEMORISED_RATIO * near[1]) == memorised
+
+
 def test_bad_inputs_say_what_is_wrong():
     with pytest.raises(JvdmUserError, match="expected"):
         quality.frechet_distance(np.zeros((1, 3)), np.zeros((5, 3)))
@@ -154,4 +192,8 @@ def test_sample_quality_of_real_images_is_near_its_floor(tmp_path):
     floor = real["real_train"]
     assert real["samples"]["fd"] < 2 * floor["fd"] + 1e-3 < bad["samples"]["fd"]
     assert bad["samples"]["precision"] < floor["precision"]
+    # Training images as samples are copies; held-out test images and noise are not.
+    assert real["samples"]["memorised"] == 1.0 and real["samples"]["nn_distance"] == 0.0
+    assert bad["samples"]["memorised"] == 0.0 and floor["memorised"] < 0.2
+    assert 0 < floor["nn_distance"] < bad["samples"]["nn_distance"]
     assert "real train" in quality.format_table(bad)

@@ -20,7 +20,13 @@ perfect sampler would reach at that ``N``; every metric here is biased at finite
 * ``confidence`` -- the classifier's mean top-class probability on the samples, and
   ``confidence_se``, its standard error over images;
 * ``label_entropy`` -- the entropy (nats) of the distribution of predicted labels; ``log K`` for
-  a sampler that covers the ``K`` classes evenly.
+  a sampler that covers the ``K`` classes evenly;
+* ``nn_distance`` -- in pixels, not features: the median L2 distance (pixels scaled to [0, 1])
+  from each image to its nearest *training* image, and ``memorised``, the share of images whose
+  nearest training image is under a third as far as the second nearest (Gu et al. 2023, *On
+  Memorization in Diffusion Models*, after Yoon et al. 2023): a sampler that copies training
+  images scores 1 there. For the real column these two are of ``N`` *test* images (a training
+  image's nearest training image is itself), the held-out floor a generalising sampler matches.
 
 No Inception network: its weights cannot be fetched or verified offline, so these numbers compare
 samplers and models of one dataset with each other, not with published FIDs.
@@ -40,6 +46,7 @@ __all__ = [
     "frechet_distance",
     "frechet_distance_se",
     "kernel_distance",
+    "nearest_training_distances",
     "precision_recall",
     "sample_quality",
 ]
@@ -53,8 +60,12 @@ METRICS = (
     "confidence",
     "confidence_se",
     "label_entropy",
+    "nn_distance",
+    "memorised",
 )
 NEAREST_K = 3  # Kynkäänniemi et al. use k = 3
+MEMORISED_RATIO = 1.0 / 3.0  # Gu et al. 2023: nearest under a third of the second nearest
+_NN_CANDIDATES = 8  # float32 shortlist per image, re-measured exactly in float64
 FD_RESAMPLES = 200  # bootstrap resamples for fd_se: its own relative noise is about 5%
 
 
@@ -143,6 +154,42 @@ def precision_recall(real, fake, *, k: int = NEAREST_K) -> tuple[float, float]:
     return _coverage(real, fake, k), _coverage(fake, real, k)
 
 
+def nearest_training_distances(images, train, *, chunk: int = 256) -> np.ndarray:
+    """``[N, 2]``: each image's L2 distance to its nearest and second-nearest rows of ``train``.
+
+    ``images [N, ...]`` and ``train [M, ...]`` (``M >= 2``) are compared flattened, as given
+    (scale them first: :func:`sample_quality` uses pixels in [0, 1]). A float32 product shortlists
+    each image's closest ``8`` rows, whose distances are then computed exactly in float64, so a
+    near-copy (where ``|x|^2 + |y|^2 - 2 x.y`` cancels) is measured as closely as a far image.
+    """
+    x = np.asarray(images, np.float64).reshape(len(images), -1)
+    t = np.asarray(train, np.float64).reshape(len(train), -1)
+    if x.shape[1] != t.shape[1] or len(t) < 2 or len(x) < 1:
+        raise JvdmUserError(
+            f"nearest_training_distances: images {x.shape} and training images {t.shape} must "
+            "have the same size, with at least 2 training images"
+        )
+    t32 = t.astype(np.float32)
+    t_sq = np.sum(t32 * t32, axis=1)
+    keep = min(_NN_CANDIDATES, len(t))
+    out = np.empty((len(x), 2))
+    for start in range(0, len(x), chunk):
+        q = x[start : start + chunk]
+        approx = t_sq[None, :] - 2.0 * (q.astype(np.float32) @ t32.T)  # |q|^2 is per row
+        near = np.argpartition(approx, keep - 1, axis=1)[:, :keep]
+        exact = np.linalg.norm(q[:, None, :] - t[near], axis=-1)
+        out[start : start + len(q)] = np.sort(exact, axis=1)[:, :2]
+    return out
+
+
+def _copying(images, train) -> dict[str, float]:
+    d = nearest_training_distances(np.asarray(images) / 255.0, np.asarray(train) / 255.0)
+    return {
+        "nn_distance": float(np.median(d[:, 0])),
+        "memorised": float(np.mean(d[:, 0] < MEMORISED_RATIO * d[:, 1])),
+    }
+
+
 def _metrics(logits, feats, ref_feats, num_classes: int) -> dict[str, float]:
     z = logits - logits.max(1, keepdims=True)
     probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
@@ -181,7 +228,8 @@ def sample_quality(
       recipe: the classifier's recipe (default ``Recipe(dataset)``).
 
     Returns:
-      a dict with ``samples`` and ``real_train`` (each a dict of :data:`METRICS`), ``n``, the
+      a dict with ``samples`` and ``real_train`` (each a dict of :data:`METRICS`; the latter's
+      ``nn_distance`` and ``memorised`` are of ``N`` test images), ``n``, the
       classifier's ``classifier_test_accuracy``, its ``classifier_path``, and ``num_classes``.
     """
     from jvdm import data as data_lib
@@ -203,9 +251,16 @@ def sample_quality(
     _, ref_feats = clf.apply(test)
     num_classes = clf.module.num_classes
     out = {"n": n, "num_test_images": len(test)}
-    for name, images in (("samples", samples), ("real_train", real)):
+    held_out = test[np.random.default_rng(seed).choice(len(test), min(n, len(test)), False)]
+    for name, images, copy_probe in (
+        ("samples", samples, samples),
+        ("real_train", real, held_out),
+    ):
         logits, feats = clf.apply(images)
-        out[name] = _metrics(logits, feats, ref_feats, num_classes)
+        out[name] = {
+            **_metrics(logits, feats, ref_feats, num_classes),
+            **_copying(copy_probe, train),
+        }
     out.update(
         classifier_test_accuracy=clf.test_accuracy,
         classifier_path=clf.path,
