@@ -26,9 +26,9 @@ there; :func:`jvdm.model.init` (``gaussian_fit=``) or :func:`jvdm.model.with_gau
 real fit, and the trainer fits the run's training split
 (:func:`jvdm.reference_denoisers.fit_split`). Its cost is two ``[B, D] x [D, D]`` products per
 call: with it the default's train step on MNIST went from 17.58 to 17.67 GFLOP (XLA's count) and
-from 0.125 to 0.134 GiB per device (with the mixture below: 17.75 GFLOP, 0.142 GiB). It holds
-``D^2`` floats (and as many again of optimizer state and EMA), so it is meant for images up to
-32x32x3 (``D = 3,072``).
+from 0.125 to 0.134 GiB per device (with the default mixture below, 100 components of rank 4:
+17.64 GFLOP, 0.132 GiB). It holds ``D^2`` floats (and as many again of optimizer state and EMA),
+so it is meant for images up to 32x32x3 (``D = 3,072``).
 
 **A mixture** (``components = K``, ``rank = r >= 1``): the base is then the posterior estimate of a
 mixture of ``K`` probabilistic PCA components (:class:`jvdm.reference_denoisers.MixtureFit`,
