@@ -4,9 +4,10 @@ For a trained run, each ``(sampler, steps)`` draws ``N`` images (the same key) a
 it took (compilation included, stated separately where measured), the Fréchet distance and KID in
 the dataset classifier's features against the test split (:mod:`jvdm.quality`), two pixel-level
 checks a feature distance can miss -- the share of exactly-zero pixels and the model's own ELBO
-(bpd) of its samples -- and, once, the same numbers for ``N`` real training images (the floor at
-that ``N``) and for the test split. Optionally (``--ode-images M``) the ELBO and ODE bpd of the
-first ``M`` test images, with the probes, evaluations and seconds.
+(bpd) of its samples --, the samples' distance to the training images (``nn_distance``,
+``memorised``; for the floor, of ``N`` test images) and, once, the same numbers for ``N`` real
+training images (the floor at that ``N``) and for the test split. Optionally (``--ode-images M``)
+the ELBO and ODE bpd of the first ``M`` test images, with the probes, evaluations and seconds.
 
 Usage: ``python bench/sampler_table.py --workdir runs/learned_snr [--n 128]
 [--steps 10 20 50 100 250 1000] [--samplers ancestral ddim dpm_solver] [--grid lambda|time]
@@ -55,7 +56,7 @@ def _row(params, clf_feats, n, sampler, steps, key, sample_key, grid, gaussian) 
         gaussian_steps=k,
     )
     seconds = time.perf_counter() - start
-    clf, ref = clf_feats
+    clf, ref, train = clf_feats
     logits, feats = clf.apply(images)
     scores = quality._metrics(logits, feats, ref, clf.module.num_classes)
     return {
@@ -64,11 +65,12 @@ def _row(params, clf_feats, n, sampler, steps, key, sample_key, grid, gaussian) 
         "grid": grid,
         "gaussian_steps": k,
         "seconds": seconds,
-        "fd": quality.frechet_distance(feats, ref),
-        "fd_se": quality.frechet_distance_se(feats, ref),
-        "kid": quality.kernel_distance(feats, ref),
+        "fd": scores["fd"],
+        "fd_se": scores["fd_se"],
+        "kid": scores["kid"],
         "confidence": scores["confidence"],
         "confidence_se": scores["confidence_se"],
+        **quality._copying(images, train),
         **_pixel_checks(params, images, key),
     }
 
@@ -131,6 +133,8 @@ def main() -> int:
         "fd": quality.frechet_distance(real_feats, ref),
         "fd_se": quality.frechet_distance_se(real_feats, ref),
         "kid": quality.kernel_distance(real_feats, ref),
+        # held-out images: a training image is its own nearest training image
+        **quality._copying(test[: args.n], train),
         **_pixel_checks(params, real, key),
     }
     fit = None
@@ -142,7 +146,15 @@ def main() -> int:
         for steps in args.steps:
             gaussian = (fit, args.gaussian_fraction)
             row = _row(
-                params, (clf, ref), args.n, sampler, steps, key, sample_key, args.grid, gaussian
+                params,
+                (clf, ref, train),
+                args.n,
+                sampler,
+                steps,
+                key,
+                sample_key,
+                args.grid,
+                gaussian,
             )
             rows.append(row)
             print(rows[-1], file=sys.stderr, flush=True)
