@@ -113,6 +113,13 @@ def test_nearest_training_distances_match_a_brute_force_loop():
     np.testing.assert_allclose(got[25:30, 0], 1e-7 * np.sqrt(50), rtol=1e-6)
     with pytest.raises(JvdmUserError, match="same size"):
         quality.nearest_training_distances(images[:, :10], train)
+    # uint8 pixels with a scale, as sample_quality passes them, against scaled floats.
+    pixels = (train * 255).astype(np.uint8)
+    scaled = quality.nearest_training_distances(pixels[:9], pixels, scale=1 / 255)
+    np.testing.assert_allclose(
+        scaled, quality.nearest_training_distances(pixels[:9] / 255, pixels / 255), rtol=1e-12
+    )
+    assert np.all(scaled[:, 0] == 0.0) and np.all(scaled[:, 1] > 0.0)
 
 
 def test_copies_of_training_images_count_as_memorised():
