@@ -20,6 +20,24 @@ __all__ = ["SCHEDULES", "WEIGHTINGS", "validate"]
 SCHEDULES = ("learned", "linear", "cosine", "ddpm")
 
 
+def _need_fit(need, prefix: str, components: int, rank: int) -> None:
+    """``{prefix}_components`` and ``{prefix}_rank``: one Gaussian of full covariance (1 and 0)
+    or a mixture of rank >= 1 (:func:`jvdm.reference_denoisers.is_mixture`'s rule)."""
+    need(
+        components >= 1,
+        f"{prefix}_components",
+        components,
+        f"must be >= 1 (1: one Gaussian; more: a mixture of rank {prefix}_rank)",
+    )
+    need(
+        rank >= 1 or (rank == 0 and components == 1),
+        f"{prefix}_rank",
+        rank,
+        f"must be >= 1 with {components} components (0, full covariance, is for one component "
+        "only)",
+    )
+
+
 def _validate_objective(m: ml_collections.ConfigDict, need) -> None:
     """The training objective's fields of ``config.model`` (see :func:`validate`)."""
     need(m.weighting in WEIGHTINGS, "model.weighting", m.weighting, f"one of {WEIGHTINGS}")
@@ -109,20 +127,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         m.gaussian_base_log_snr,
         "must be finite (the log SNR where the Gaussian base has half its weight)",
     )
-    need(
-        m.gaussian_base_components >= 1,
-        "model.gaussian_base_components",
-        m.gaussian_base_components,
-        "must be >= 1 (1: one Gaussian; more: a mixture of rank model.gaussian_base_rank)",
-    )
-    need(
-        m.gaussian_base_rank >= 1
-        or (m.gaussian_base_rank == 0 and m.gaussian_base_components == 1),
-        "model.gaussian_base_rank",
-        m.gaussian_base_rank,
-        f"must be >= 1 with {m.gaussian_base_components} components (0, full covariance, is "
-        "for one component only)",
-    )
+    _need_fit(need, "model.gaussian_base", m.gaussian_base_components, m.gaussian_base_rank)
     _validate_objective(m, need)
     need(g.schedule in SCHEDULES, "gamma.schedule", g.schedule, f"one of {SCHEDULES}")
     checks.check_gamma_order(g.gamma_min, g.gamma_max, "config.gamma.")
@@ -196,18 +201,5 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         e.sample_gaussian_steps,
         f"must lie in 0..{e.sample_steps - 1} (below eval.sample_steps)",
     )
-    need(
-        e.sample_gaussian_components >= 1,
-        "eval.sample_gaussian_components",
-        e.sample_gaussian_components,
-        "must be >= 1 (1: one Gaussian; more: a mixture of rank eval.sample_gaussian_rank)",
-    )
-    need(
-        e.sample_gaussian_rank >= 1
-        or (e.sample_gaussian_rank == 0 and e.sample_gaussian_components == 1),
-        "eval.sample_gaussian_rank",
-        e.sample_gaussian_rank,
-        f"must be >= 1 with {e.sample_gaussian_components} components (0, full covariance, is "
-        "for one Gaussian)",
-    )
+    _need_fit(need, "eval.sample_gaussian", e.sample_gaussian_components, e.sample_gaussian_rank)
     return c
