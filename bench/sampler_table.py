@@ -56,7 +56,7 @@ def _row(params, clf_feats, n, sampler, steps, key, sample_key, grid, gaussian) 
         gaussian_steps=k,
     )
     seconds = time.perf_counter() - start
-    clf, ref, train = clf_feats
+    clf, ref, copies = clf_feats
     logits, feats = clf.apply(images)
     scores = quality._metrics(logits, feats, ref, clf.module.num_classes)
     return {
@@ -70,7 +70,7 @@ def _row(params, clf_feats, n, sampler, steps, key, sample_key, grid, gaussian) 
         "kid": scores["kid"],
         "confidence": scores["confidence"],
         "confidence_se": scores["confidence_se"],
-        **quality._copying(images, train),
+        **copies.scores(images),
         **_pixel_checks(params, images, key),
     }
 
@@ -128,13 +128,14 @@ def main() -> int:
     _, ref = clf.apply(test)
     key = jax.random.key(0)
     real = train[np.random.default_rng(0).choice(len(train), args.n, replace=False)]
+    copies = quality._pixel_copies(train)
     _, real_feats = clf.apply(real)
     floor = {
         "fd": quality.frechet_distance(real_feats, ref),
         "fd_se": quality.frechet_distance_se(real_feats, ref),
         "kid": quality.kernel_distance(real_feats, ref),
         # held-out images: a training image is its own nearest training image
-        **quality._copying(test[: args.n], train),
+        **copies.scores(test[: args.n]),
         **_pixel_checks(params, real, key),
     }
     fit = None
@@ -147,7 +148,7 @@ def main() -> int:
             gaussian = (fit, args.gaussian_fraction)
             row = _row(
                 params,
-                (clf, ref, train),
+                (clf, ref, copies),
                 args.n,
                 sampler,
                 steps,

@@ -64,7 +64,7 @@ class _Scorer:
     """Quality metrics in the dataset classifier's features against ``train[split_at:]``."""
 
     def __init__(self, dataset: str, data_dir, split_at: int):
-        from jvdm import data
+        from jvdm import data, quality
         from jvdm.quality_classifier import Recipe, get_classifier
 
         self.dataset = dataset
@@ -72,6 +72,7 @@ class _Scorer:
         train = data.load_split_array(dataset, "train", data_dir)
         self.fit, self.val = train[:split_at], train[split_at:]
         _, self.ref = self.clf.apply(self.val)
+        self.copies = quality._pixel_copies(self.fit)
 
     def __call__(self, images, copy_probe=None) -> dict:
         """The metrics of ``images``; ``nn_distance`` and ``memorised`` (against ``train[:K]``)
@@ -83,7 +84,7 @@ class _Scorer:
 
         logits, feats = self.clf.apply(images)
         out = quality._metrics(logits, feats, self.ref, self.clf.module.num_classes)
-        copies = quality._copying(images if copy_probe is None else copy_probe, self.fit)
+        copies = self.copies.scores(images if copy_probe is None else copy_probe)
         return {**out, **copies, "zero_share": float(np.mean(images == 0))}
 
 
@@ -140,16 +141,17 @@ def main() -> int:
                 pick = np.random.default_rng(0).choice(len(scorer.fit), args.n, replace=False)
                 floor = scorer(scorer.fit[pick], copy_probe=scorer.val[: args.n])
                 fit = None
-                if any(args.gaussian_steps):
-                    from jvdm import decoder
+                if any(args.gaussian_steps):  # the fit of the images the runs trained on
                     from jvdm import reference_denoisers as ref
 
-                    flat = decoder.scale_pixels(scorer.fit, params.model.vocab_size)
-                    flat = np.asarray(flat).reshape(len(flat), -1)
-                    if ref.is_mixture(args.gaussian_components, args.gaussian_rank):
-                        fit = ref.fit_mixture(flat, args.gaussian_components, args.gaussian_rank)
-                    else:
-                        fit = ref.fit_gaussian(flat)
+                    fit = ref.fit_split(
+                        scorer.dataset,
+                        f"train[:{args.split_at}]",
+                        config.data.data_dir,
+                        params.model.vocab_size,
+                        components=args.gaussian_components,
+                        rank=args.gaussian_rank,
+                    )
             elif config.data.name != scorer.dataset:
                 raise SystemExit(f"{spec}: dataset {config.data.name!r}, not {scorer.dataset!r}")
             start = time.perf_counter()

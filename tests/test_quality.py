@@ -127,10 +127,11 @@ def test_copies_of_training_images_count_as_memorised():
     image between two training images is not; one near a training image is, by the ratio."""
     rng = np.random.default_rng(1)
     train = rng.integers(0, 256, (200, 8, 8, 1)).astype(np.uint8)
-    copies = quality._copying(train[:50], train)
+    pixels = quality._pixel_copies(train)
+    copies = pixels.scores(train[:50])
     assert copies == {"nn_distance": 0.0, "memorised": 1.0}
     between = (train[:50].astype(np.int32) + train[50:100]) // 2
-    assert quality._copying(between.astype(np.uint8), train)["memorised"] == 0.0
+    assert pixels.scores(between.astype(np.uint8))["memorised"] == 0.0
     # A training image moved by a share f of the distance d to its nearest other training image:
     # its nearest is itself, f d away, its second between (1 - f) d and (1 + f) d, by the
     # triangle inequality. So f = 0.2 is memorised (ratio <= 1/4) and f = 0.6 is not (>= 3/8).

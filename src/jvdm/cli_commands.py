@@ -178,12 +178,10 @@ def _gaussian_start(args, params, config) -> dict:
     """``sample``'s ``gaussian_fit`` and ``gaussian_steps`` for ``--gaussian-steps K``: the
     Gaussian (or, with ``--gaussian-components`` and ``--gaussian-rank``, the mixture) of the
     run's own training split (``config.data``), fitted only when ``K > 0``."""
+    from jvdm import reference_denoisers as ref
+
     k, components, rank = args.gaussian_steps, args.gaussian_components, args.gaussian_rank
-    if rank < 0 or (rank == 0 and components != 1):
-        raise JvdmUserError(
-            f"--gaussian-rank {rank} with --gaussian-components {components}: a mixture needs "
-            "a rank >= 1 (0 is one Gaussian of full covariance, with one component)"
-        )
+    ref.is_mixture(components, rank, names=("--gaussian-components", "--gaussian-rank"))
     if not k and (components, rank) != (1, 0):
         raise JvdmUserError(
             "--gaussian-components and --gaussian-rank choose the fit that --gaussian-steps K "
@@ -191,7 +189,6 @@ def _gaussian_start(args, params, config) -> dict:
         )
     if not k:
         return {"gaussian_steps": k}
-    from jvdm import reference_denoisers as ref
 
     d = config.data
     fit = ref.fit_split(

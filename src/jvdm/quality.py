@@ -163,33 +163,53 @@ def nearest_training_distances(images, train, *, scale: float = 1.0, chunk: int 
     float64, so a near-copy (where ``|x|^2 + |y|^2 - 2 x.y`` cancels) is measured as closely as a
     far image. ``train`` is held once in float32 (CIFAR-10's 50,000 images: 0.6 GB).
     """
-    x = np.asarray(images).reshape(len(images), -1)
-    t = np.asarray(train).reshape(len(train), -1)
-    if x.shape[1] != t.shape[1] or len(t) < 2 or len(x) < 1:
-        raise JvdmUserError(
-            f"nearest_training_distances: images {x.shape} and training images {t.shape} must "
-            "have the same size, with at least 2 training images"
-        )
-    t32 = t.astype(np.float32)
-    t_sq = np.sum(t32 * t32, axis=1)
-    keep = min(_NN_CANDIDATES, len(t))
-    out = np.empty((len(x), 2))
-    for start in range(0, len(x), chunk):
-        q = x[start : start + chunk].astype(np.float64)
-        approx = t_sq[None, :] - 2.0 * (q.astype(np.float32) @ t32.T)  # |q|^2 is per row
-        near = np.argpartition(approx, keep - 1, axis=1)[:, :keep]
-        diff = q[:, None, :] - t[near].astype(np.float64)
-        exact = scale * np.sqrt(np.sum(diff * diff, axis=-1))
-        out[start : start + len(q)] = np.sort(exact, axis=1)[:, :2]
-    return out
+    return _NearestTraining(train, scale).distances(images, chunk)
 
 
-def _copying(images, train) -> dict[str, float]:
-    d = nearest_training_distances(images, train, scale=1.0 / 255.0)
-    return {
-        "nn_distance": float(np.median(d[:, 0])),
-        "memorised": float(np.mean(d[:, 0] < MEMORISED_RATIO * d[:, 1])),
-    }
+class _NearestTraining:
+    """:func:`nearest_training_distances` to one fixed training set, whose float32 copy and
+    squared norms are made once for every set of images measured against it."""
+
+    def __init__(self, train, scale: float = 1.0):
+        self.train = np.asarray(train).reshape(len(train), -1)
+        if len(self.train) < 2:
+            raise JvdmUserError(
+                f"nearest_training_distances: {len(self.train)} training images; need at least 2"
+            )
+        self.scale = scale
+        self.t32 = self.train.astype(np.float32)
+        self.t_sq = np.sum(self.t32 * self.t32, axis=1)
+
+    def distances(self, images, chunk: int = 256) -> np.ndarray:
+        x = np.asarray(images).reshape(len(images), -1)
+        if x.shape[1] != self.train.shape[1] or len(x) < 1:
+            raise JvdmUserError(
+                f"nearest_training_distances: images {x.shape} and training images "
+                f"{self.train.shape} must have the same size"
+            )
+        keep = min(_NN_CANDIDATES, len(self.train))
+        out = np.empty((len(x), 2))
+        for start in range(0, len(x), chunk):
+            q = x[start : start + chunk].astype(np.float64)
+            approx = self.t_sq[None, :] - 2.0 * (q.astype(np.float32) @ self.t32.T)  # less |q|^2
+            near = np.argpartition(approx, keep - 1, axis=1)[:, :keep]
+            diff = q[:, None, :] - self.train[near].astype(np.float64)
+            exact = self.scale * np.sqrt(np.sum(diff * diff, axis=-1))
+            out[start : start + len(q)] = np.sort(exact, axis=1)[:, :2]
+        return out
+
+    def scores(self, images) -> dict[str, float]:
+        """``nn_distance`` (the median nearest distance) and ``memorised`` of ``images``."""
+        d = self.distances(images)
+        return {
+            "nn_distance": float(np.median(d[:, 0])),
+            "memorised": float(np.mean(d[:, 0] < MEMORISED_RATIO * d[:, 1])),
+        }
+
+
+def _pixel_copies(train) -> _NearestTraining:
+    """Distances between uint8 images on pixels scaled to [0, 1]."""
+    return _NearestTraining(train, 1.0 / 255.0)
 
 
 def _metrics(logits, feats, ref_feats, num_classes: int) -> dict[str, float]:
@@ -254,6 +274,7 @@ def sample_quality(
     num_classes = clf.module.num_classes
     out = {"n": n, "num_test_images": len(test)}
     held_out = test[np.random.default_rng(seed).choice(len(test), min(n, len(test)), False)]
+    copies = _pixel_copies(train)
     for name, images, copy_probe in (
         ("samples", samples, samples),
         ("real_train", real, held_out),
@@ -261,7 +282,7 @@ def sample_quality(
         logits, feats = clf.apply(images)
         out[name] = {
             **_metrics(logits, feats, ref_feats, num_classes),
-            **_copying(copy_probe, train),
+            **copies.scores(copy_probe),
         }
     out.update(
         classifier_test_accuracy=clf.test_accuracy,
