@@ -234,17 +234,18 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract: Any) -> Any:
       abstract: a pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set (``jax.eval_shape`` of
         the state's constructor); its static metadata is kept in the result.
     """
-    try:
-        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    except (ValueError, TypeError) as err:
-        bad = _shape_mismatches(manager, step, abstract)
-        if bad:
-            raise CheckpointMismatchError(
-                f"checkpoint {step} in {manager.directory} does not fit this config: "
-                + "; ".join(bad[:5])
-                + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
-            ) from err
-        raise
+    # The saved shapes are compared first, from the checkpoint's metadata: a restore that orbax
+    # starts and then fails on a shape leaves its other reads' coroutines unfinished (they surface
+    # later as "Exception ignored in: <coroutine ...>" in whatever code runs next), and it reads
+    # data for nothing. Orbax's own error remains the fallback where the metadata says nothing.
+    bad = _shape_mismatches(manager, step, abstract)
+    if bad:
+        raise CheckpointMismatchError(
+            f"checkpoint {step} in {manager.directory} does not fit this config: "
+            + "; ".join(bad[:5])
+            + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        )
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
 def _reject(manager: _Manager, step: int, reason: str) -> str:
