@@ -27,6 +27,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 
 import _common  # noqa: E402
+from jvdm import validate  # noqa: E402  (no JAX: the names a flag may take)
 
 
 def _pixel_checks(params, images, key) -> dict:
@@ -105,7 +106,7 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=128)
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100, 250, 1000])
     parser.add_argument("--samplers", nargs="+", default=["ancestral", "ddim", "dpm_solver"])
-    parser.add_argument("--grid", choices=["lambda", "time"], default=None)
+    parser.add_argument("--grid", choices=validate.SAMPLER_GRIDS, default=None)
     parser.add_argument("--ode-images", type=int, default=0)
     parser.add_argument("--gaussian-fraction", type=float, default=0.0)
     args = parser.parse_args()

@@ -15,7 +15,7 @@ included, so it has seen the validation images' labels; it is a feature extracto
 being selected).
 
 Usage: ``python bench/validation_quality.py RUN[:STEP] [RUN ...] [--n 256] [--steps 50]
-[--sampler ancestral] [--eta 1.0] [--grids default lambda time] [--split-at 4000] [--raw]
+[--sampler ancestral] [--eta 1.0] [--grids default lambda time karras] [--split-at 4000] [--raw]
 [--gaussian-steps 0 8]``.
 ``--grids`` scores each run on each grid (``default`` is the sampler's own, :func:`jvdm.sampling.
 default_grid`); ``--sampler ddim --eta 1`` is the ancestral chain on the ``lambda`` grid.
@@ -37,6 +37,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 
 import _common  # noqa: E402
+from jvdm import validate  # noqa: E402  (no JAX: the names a flag may take)
 
 
 def _params(path: pathlib.Path, raw: bool):
@@ -96,7 +97,7 @@ def main() -> int:
     parser.add_argument("--sampler", default="ancestral")
     parser.add_argument("--eta", type=float, help="DDIM's eta (1: the ancestral chain)")
     parser.add_argument(
-        "--grids", nargs="+", default=["default"], choices=["default", "lambda", "time"]
+        "--grids", nargs="+", default=["default"], choices=["default", *validate.SAMPLER_GRIDS]
     )
     parser.add_argument("--split-at", type=int, default=4000)
     parser.add_argument("--raw", action="store_true", help="also score the raw parameters")

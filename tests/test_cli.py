@@ -43,7 +43,7 @@ def test_data_prepare_unknown_dataset(capsys):
         (["modell.channels=16"], ["unknown config section 'modell'"]),
         (["--config.model.channels=sixteen"], ["model.channels"]),
         (["--config.model.dropout=2.0"], ["config.model.dropout=2.0 is invalid"]),
-        (["eval.sample_grid=log"], ["config.eval.sample_grid='log'", "time, lambda"]),
+        (["eval.sample_grid=log"], ["config.eval.sample_grid='log'", "time, lambda, karras"]),
         (["eval.sample_gaussian_steps=4"], ["sample_gaussian_steps=4 is invalid", "0..3"]),
         (["eval.sample_gaussian_components=3"], ["sample_gaussian_rank=0 is invalid", "3 comp"]),
         (["--config.model.channels"], ["has no value", "--config.model.channels=VALUE"]),
@@ -135,7 +135,10 @@ def test_only_user_errors_are_one_line(tmp_path, monkeypatch, capsys, error, sta
         (["sample", "--workdir", "{tmp}", "--n", "0"], ["--n", "expected a positive integer"]),
         (["sample", "--workdir", "{tmp}", "--steps", "-2"], ["--steps", "positive integer"]),
         (["sample", "--workdir", "{tmp}", "--sampler", "euler"], ["euler", "dpm_solver"]),
-        (["sample", "--workdir", "{tmp}", "--grid", "log"], ["--grid='log'", "time, lambda"]),
+        (
+            ["sample", "--workdir", "{tmp}", "--grid", "log"],
+            ["--grid='log'", "time, lambda, karras"],
+        ),
         (["eval", "--workdir", "{tmp}/nope"], ["no run directory or checkpoint"]),
         (["eval", "--workdir", "{tmp}", "--draws", "0"], ["--draws", "positive integer"]),
         (["sample"], ["--workdir"]),
@@ -174,7 +177,7 @@ def test_sample_a_saved_run(tmp_path, capsys):
     argv = ["sample", "--workdir", str(tmp_path), "--n", "8", "--steps", "3", "--out", str(out)]
     assert cli.main(argv + ["--save-npy", str(tmp_path / "x.npy")]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["out"] == str(out) and printed["grid"] == "lambda"
+    assert printed["out"] == str(out) and printed["grid"] == "karras"
     from PIL import Image
 
     with Image.open(out) as picture:  # 3 x 3 grid of 8 x 8 digits with 2 pixels of padding

@@ -10,11 +10,14 @@ data's as the steps grow: for the converged settings (ancestral with 1000 steps,
 50) the samples match the data's moments within 4 standard errors directly.
 
 For reference, the exact discretisation biases of the variance on this problem (gamma in
-[-10, 12], S = 0.5), on the default grid, uniform in lambda, and so the same for every schedule
-with these end points: ancestral 50 / 250 / 1000 steps -19% / -4.3% / -1.1%, DDIM (eta = 0) 20
-steps -24%, 500 steps -1.1%, DPM-Solver++(2M) 20 steps +3.4%, 50 steps +0.6%. On the grid uniform
-in t the steep learned schedule concentrates the change of gamma in a few steps: ancestral -48% /
--13% / -3.5% (test_the_lambda_grid_frees_ancestral_sampling_from_the_interior). DDIM is a
+[-10, 12], S = 0.5), on the grid uniform in lambda (DDIM's and DPM-Solver++'s default), and so the
+same for every schedule with these end points: ancestral 50 / 250 / 1000 steps -19% / -4.3% /
+-1.1%, DDIM (eta = 0) 20 steps -24%, 500 steps -1.1%, DPM-Solver++(2M) 20 steps +3.4%, 50 steps
++0.6%. On the karras grid (the ancestral sampler's default), whose steps are shorter at the noisy
+end and longer at the clean end, where this problem's variance is lost: ancestral -25% / -6.0% /
+-1.5%. On the grid uniform in t the steep learned schedule concentrates the change of gamma in a
+few steps: ancestral -48% / -13% / -3.5%
+(test_the_lambda_grid_frees_ancestral_sampling_from_the_interior). DDIM is a
 first-order method; that it needs many steps here is a property of DDIM, not of this
 implementation.
 """
@@ -127,6 +130,8 @@ FEW_STEP_CASES = [
     ("learned", "ddim", 20, 0.5, None),
     ("learned", "dpm_solver", 10, 0.0, None),  # < 15 steps: first-order last step
     ("learned", "dpm_solver", 10, 0.0, "time"),
+    ("learned", "ancestral", 50, 0.0, "karras"),
+    ("learned", "dpm_solver", 10, 0.0, "karras"),
 ]
 
 
@@ -150,7 +155,7 @@ def _fit(mean, var):
 
 
 @pytest.mark.parametrize(
-    "sampler,steps,k", [("ancestral", 50, 20), ("ddim", 20, 5), ("dpm_solver", 20, 6)]
+    "sampler,steps,k", [("ancestral", 50, 30), ("ddim", 20, 5), ("dpm_solver", 20, 6)]
 )
 def test_gaussian_steps_take_the_first_k_predictions_from_the_fit(sampler, steps, k):
     """With a Gaussian far from the data's (mean 6, variance 2), z_0 has the moments of the chain
@@ -227,7 +232,7 @@ def test_a_gaussian_start_without_a_fitting_fit_says_what_to_do():
 
 
 def test_the_lambda_grid_frees_ancestral_sampling_from_the_interior():
-    """Exact moments (no sampling): on the default lambda grid the ancestral chain's variance bias
+    """Exact moments (no sampling): on the lambda grid the ancestral chain's variance bias
     on the steep learned schedule is the linear schedule's to 1e-6 (the grid depends on the end
     points only, here float32), and 2.5 to 3.5 times smaller than on the grid uniform in t."""
     linear, learned = _gaussian_params("linear"), _gaussian_params("learned")
@@ -235,8 +240,8 @@ def test_the_lambda_grid_frees_ancestral_sampling_from_the_interior():
     for steps in (50, 250, 1000):
         bias = {}
         for name, params, grid in [
-            ("linear", linear, None),
-            ("lambda", learned, None),
+            ("linear", linear, "lambda"),
+            ("lambda", learned, "lambda"),
             ("time", learned, "time"),
         ]:
             _, gammas = sampling.sampling_grid(params, steps, "ancestral", grid=grid)
@@ -258,20 +263,21 @@ def test_fast_samplers_with_20_steps_are_close_to_the_data():
     "schedule,sampler,steps", [("learned", "ancestral", 1000), ("learned", "dpm_solver", 50)]
 )
 def test_converged_samplers_match_the_data(schedule, sampler, steps):
-    # Both walk the lambda grid, on which the steep learned schedule's interior does not matter:
-    # 1000 ancestral steps leave -1.1% of variance bias (-3.5% on the grid uniform in t).
+    # Both walk their default grid (ancestral the karras grid, DPM-Solver++ the lambda grid), on
+    # which the steep learned schedule's interior does not matter: 1000 ancestral steps leave
+    # -1.5% of variance bias (-1.1% on the lambda grid, -3.5% on the grid uniform in t).
     params = _gaussian_params(schedule)
     z = sampling.sample_latents(params, jax.random.key(2), N_IMAGES, steps=steps, sampler=sampler)
     _assert_moments(z, *_data_moments(), (schedule, sampler, steps))
 
 
 def test_ddim_with_eta_one_is_the_ancestral_sampler():
-    # The same step on the same (lambda) grid, here on the steep learned schedule; on the grid
-    # uniform in t the ancestral chain is a different one.
+    # The same step on the same grid (the ancestral sampler's default, karras), here on the steep
+    # learned schedule; on the grid uniform in t the ancestral chain is a different one.
     params = _gaussian_params("learned")
     key = jax.random.key(3)
     anc = sampling.sample_latents(params, key, 8, steps=10, sampler="ancestral")
-    ddim = sampling.sample_latents(params, key, 8, steps=10, sampler="ddim", eta=1.0)
+    ddim = sampling.sample_latents(params, key, 8, steps=10, sampler="ddim", eta=1.0, grid="karras")
     np.testing.assert_allclose(ddim, anc, rtol=1e-4, atol=1e-5)
     on_t = sampling.sample_latents(params, key, 8, steps=10, sampler="ancestral", grid="time")
     assert np.abs(on_t - anc).max() > 0.1
@@ -279,9 +285,11 @@ def test_ddim_with_eta_one_is_the_ancestral_sampler():
 
 def test_sampling_grid_inverts_a_learned_schedule():
     params = _gaussian_params("learned")
+    assert sampling.default_grid(params.model, "ancestral") == "karras"
     for sampler in ("ancestral", "ddim", "dpm_solver"):
-        assert sampling.default_grid(params.model, sampler) == "lambda"
-        t, g = sampling.sampling_grid(params, 16, sampler)
+        if sampler != "ancestral":
+            assert sampling.default_grid(params.model, sampler) == "lambda"
+        t, g = sampling.sampling_grid(params, 16, sampler, grid="lambda")
         assert t[0] == 1.0 and t[-1] == 0.0 and np.all(np.diff(t) < 0)
         # Uniform in lambda = -gamma/2 between the end points.
         np.testing.assert_allclose(np.diff(g), (G_MIN - G_MAX) / 16, rtol=1e-4)
@@ -290,6 +298,31 @@ def test_sampling_grid_inverts_a_learned_schedule():
         np.testing.assert_allclose(t, np.linspace(1, 0, 9), atol=1e-7)
         np.testing.assert_allclose(g, model_lib.gamma(params, jnp.asarray(t)), atol=1e-6)
         assert np.abs(np.diff(g) - (G_MIN - G_MAX) / 8).max() > 0.5  # the interior's shape
+
+
+def test_the_karras_grid_is_uniform_in_a_root_of_the_noise_to_signal_ratio():
+    """Karras et al.'s grid (eq. 5, rho = 7) against float64 NumPy: uniform in ``s^(1/7)``,
+    ``s = sigma / alpha = exp(gamma / 2)``, between the schedule's exact end points, so the same
+    for every schedule with those end points; its steps in ``lambda`` are shortest at the noisy
+    end."""
+    assert samplers.KARRAS_RHO == 7.0
+    linear, learned = _gaussian_params("linear"), _gaussian_params("learned")
+    root = np.linspace(np.exp(G_MAX / 14.0), np.exp(G_MIN / 14.0), 17)
+    expected = 14.0 * np.log(root)
+    grids = {}
+    for name, params in (("linear", linear), ("learned", learned)):
+        t, g = sampling.sampling_grid(params, 16, "ancestral", grid="karras")
+        ends = model_lib.gamma(params, jnp.array([1.0, 0.0]))
+        assert g[0] == ends[0] and g[-1] == ends[1]  # exactly the schedule's end points
+        np.testing.assert_allclose(g, expected, rtol=2e-6, atol=2e-5)
+        np.testing.assert_allclose(model_lib.gamma(params, jnp.asarray(t)), g, atol=1e-4)
+        grids[name] = g
+    np.testing.assert_allclose(grids["learned"], grids["linear"], atol=1e-5)
+    steps = -np.diff(grids["learned"])
+    # d gamma = 2 rho d(s^(1/rho)) / s^(1/rho): the steps grow towards the clean end, where the
+    # lambda grid's are all (G_MAX - G_MIN) / 16.
+    assert np.all(steps > 0) and np.all(np.diff(steps) > 0)
+    assert steps[0] < (G_MAX - G_MIN) / 16 < steps[-1]
 
 
 def test_discrete_time_model_samples_with_its_own_T():
@@ -416,7 +449,7 @@ def test_tiny_model_samples_are_uint8_deterministic_and_compiled_once(
     other = jax.tree.map(lambda p: p * 0.5, tiny_params)
     assert not np.array_equal(sampling.sample(other, key, 8, steps=3), x)
     assert traces == first  # no new compilation
-    assert set(first) <= {("ancestral", "lambda", 3, 8, True, 0)}
+    assert set(first) <= {("ancestral", "karras", 3, 8, True, 0)}
 
 
 def test_images_depend_on_key_and_index_only():
@@ -448,7 +481,7 @@ def test_tiny_model_fast_samplers_run(tiny_params, key):
         (dict(sampler="ddim", eta=-0.1), "eta=-0.1; expected a number with 0 <= eta <= 1"),
         (dict(sampler="ddim", eta=1.5), "expected a number with 0 <= eta <= 1"),
         (dict(eta=0.5), "applies only to sampler='ddim'"),
-        (dict(grid="log"), "grid='log'; expected one of time, lambda"),
+        (dict(grid="log"), "grid='log'; expected one of time, lambda, karras"),
         (dict(batch_size=0), "batch_size=0; expected a positive integer"),
     ],
 )

@@ -53,7 +53,10 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-_GRID_HELP = "lambda | time (default: lambda; time for ancestral on a discrete-time model)"
+_GRID_HELP = (
+    "lambda | karras | time (default: karras for ancestral, time for ancestral on a discrete-time"
+    " model, lambda for ddim and dpm_solver)"
+)
 
 
 def _build_parser() -> _Parser:

@@ -178,8 +178,9 @@ def _add_training_sections(c: ml_collections.ConfigDict) -> None:
     c.eval.num_samples = 64
     c.eval.sampler = "ancestral"
     c.eval.sample_steps = 250
-    # "lambda" (uniform in lambda = -gamma/2) or "time" (uniform in t); unset: the sampler's
-    # default, "lambda" except for ancestral sampling of a discrete-time model (jvdm.sampling).
+    # "lambda" (uniform in lambda = -gamma/2), "karras" (uniform in (sigma/alpha)^(1/7)) or
+    # "time" (uniform in t); unset: the sampler's default (jvdm.sampling.default_grid): "karras"
+    # for ancestral sampling, "time" for that of a discrete-time model, "lambda" for the others.
     c.eval.sample_grid = config_dict.placeholder(str)
     # The first k of the sample_steps steps take x0_hat from the Gaussian fitted to the training
     # split, its best linear denoiser (jvdm.sample's gaussian_steps; 0: the model throughout).

@@ -20,23 +20,30 @@ all a VDM exposes: the denoiser is conditioned on ``gamma`` (not on ``t``), so a
   ``D_i = (1 + 1/(2 r_i)) x0_hat_{i-1} - 1/(2 r_i) x0_hat_{i-2}``, ``r_i = h_{i-1} / h_i``. As in
   the reference implementation, the last step is first order when ``steps < 15``.
 
-Every sampler walks one of two grids (:data:`jvdm.validate.SAMPLER_GRIDS`, :func:`gamma_grid`):
+Every sampler walks one of three grids (:data:`jvdm.validate.SAMPLER_GRIDS`, :func:`gamma_grid`):
 ``"lambda"``, uniform in ``lambda = -gamma/2`` between the schedule's end points (Lu et al. 2022a,
-sec. 3.3), or ``"time"``, ``t_i = i / steps``. The default (:func:`jvdm.sampling.default_grid`) is
-``"lambda"`` for all three, except ancestral sampling of a discrete-time model, whose bound is
-exactly the ``T``-step chain on its own time grid. For a continuous-time model the bound depends on
-the schedule only through its end points; its interior is free, and a learned one is trained to
-cut the variance of the loss (:mod:`jvdm.objective`), not to place a sampler's steps. On the time
-grid that interior would decide where the steps go; on the lambda grid the samples depend on the
-end points alone (on a linear schedule the two grids coincide), and on Gaussian data the chain is
-closer to the data: 1000 ancestral steps on a steep learned schedule leave -1.1% of variance
-against -3.5% (``tests/test_sampling.py``). On the validation slice (three seeds of the default,
-256 ancestral-50 samples each; issue 17, bench/RESULTS.md) the variance-trained model's Frechet
-distance was 72.2 on the lambda grid against 75.3 on the time grid (paired -3.0 +- 3.0), equal
-to the same model trained with a near-linear interior (72.0), with the classifier's confidence
-0.018 +- 0.005 lower. Because the denoiser takes ``gamma``, the samplers never need the times
-of a lambda grid; :func:`jvdm.sampling.sampling_grid` recovers them by bisection on the monotone
-``gamma(t)`` (:func:`time_from_gamma`), for plots and diagnostics.
+sec. 3.3); ``"karras"``, uniform in ``(sigma / alpha)^(1/rho)``, ``rho = 7``, between the same end
+points (Karras et al. 2022, eq. 5), whose steps in ``lambda`` are shortest at the noisy end and
+longest at the clean end; or ``"time"``, ``t_i = i / steps``. The default
+(:func:`jvdm.sampling.default_grid`) is ``"lambda"`` for DDIM and DPM-Solver++ and ``"karras"``
+for ancestral sampling, except ancestral sampling of a discrete-time model, whose bound is exactly
+the ``T``-step chain on its own time grid. For a continuous-time model the bound depends on the
+schedule only through its end points; its interior is free, and a learned one is trained to cut
+the variance of the loss (:mod:`jvdm.objective`), not to place a sampler's steps. On the time grid
+that interior would decide where the steps go; on the lambda and karras grids the samples depend
+on the end points alone (on a linear schedule the lambda and time grids coincide).
+
+Which of those two is closer depends on where the data's structure is made. On Gaussian data the
+variance is lost at the clean end, and there the lambda grid is the more exact: 1000 ancestral
+steps leave -1.1% of variance, the karras grid -1.5%, the time grid of a steep learned schedule
+-3.5% (``tests/test_sampling.py``). Digits take their shapes at the noisy end: on the validation
+slice (three seeds of the default, 256 ancestral-50 samples each, paired keys; issue 17,
+bench/RESULTS.md) the karras grid gave the classifier's confidence 0.946 / 0.947 / 0.944 against
+0.931 / 0.925 / 0.920 on the lambda grid (+0.020 +- 0.003) and Frechet distance -1.4 +- 0.6, at
+the same share of zero pixels; for DDIM and DPM-Solver++ it changed nothing that one seed could
+resolve, so they keep the lambda grid. Because the denoiser takes ``gamma``, the samplers never
+need the times of these grids; :func:`jvdm.sampling.sampling_grid` recovers them by bisection on
+the monotone ``gamma(t)`` (:func:`time_from_gamma`), for plots and diagnostics.
 
 Each sampler is a :class:`Sampler` (name, order, init, step) in :data:`SAMPLERS`, the one place that
 knows what a name does; :func:`run` walks any of them over a grid, and :func:`solve` is the
@@ -48,6 +55,8 @@ References:
   Kingma et al., *Variational Diffusion Models* (arXiv 2107.00630), appendix A.4 (ancestral step).
   Song, Meng, Ermon, *Denoising Diffusion Implicit Models* (arXiv 2010.02502), eq. 12.
   Lu et al., *DPM-Solver++* (arXiv 2211.01095), Algorithm 2; *DPM-Solver* (arXiv 2206.00927).
+  Karras et al., *Elucidating the Design Space of Diffusion-Based Generative Models* (arXiv
+  2206.00364), eq. 5 (the grid).
 """
 
 from __future__ import annotations
@@ -64,8 +73,19 @@ from jvdm import model as model_lib
 from jvdm import validate
 from jvdm.errors import JvdmUserError
 
-__all__ = ["SAMPLERS", "Sampler", "StepInput", "gamma_grid", "run", "solve", "time_from_gamma"]
+__all__ = [
+    "KARRAS_RHO",
+    "SAMPLERS",
+    "Sampler",
+    "StepInput",
+    "gamma_grid",
+    "run",
+    "solve",
+    "time_from_gamma",
+]
 
+#: Karras et al.'s (2022) rho: their grid is uniform in ``(sigma / alpha)^(1 / rho)``.
+KARRAS_RHO = 7.0
 _BISECTION_ITERS = 40  # halves [0, 1] to 1e-12, below float32 resolution
 _LOWER_ORDER_FINAL_BELOW = 15  # DPM-Solver++ reference: first-order last step for short runs
 
@@ -128,17 +148,24 @@ class Sampler(NamedTuple):
 def gamma_grid(params, steps: int, grid: str) -> jax.Array:
     """``gamma`` at the ``steps + 1`` grid points, from ``t = 1`` (first) to ``t = 0`` (last).
 
-    ``grid`` is ``"time"`` (``t_i = 1 - i / steps``) or ``"lambda"`` (uniform in
-    ``lambda = -gamma/2`` between ``gamma(1)`` and ``gamma(0)``, which only the end points set).
+    ``grid`` is ``"time"`` (``t_i = 1 - i / steps``), ``"lambda"`` (uniform in
+    ``lambda = -gamma/2`` between ``gamma(1)`` and ``gamma(0)``) or ``"karras"`` (uniform in
+    ``s^(1/rho)``, ``s = sigma / alpha = exp(gamma / 2)``, ``rho =`` :data:`KARRAS_RHO`, between the
+    same end points; Karras et al. 2022, eq. 5). The last two depend on the end points only.
     """
     i = jnp.arange(steps + 1, dtype=jnp.float32)
     if grid == "time":
         # t_i = 1 - i/steps, written so that the end points are exactly 1 and 0.
         t = (steps - i) / steps
         return model_lib.gamma(params, t)
-    # Uniform in lambda = -gamma/2 between the end points, which pins them exactly.
     g_ends = model_lib.gamma(params, jnp.array([0.0, 1.0], jnp.float32))
     u = i / steps
+    if grid == "karras":
+        # s^(1/rho) = exp(gamma / (2 rho)), linear in u; the end points are then set exactly.
+        k = 0.5 / KARRAS_RHO
+        g = jnp.log((1.0 - u) * jnp.exp(k * g_ends[1]) + u * jnp.exp(k * g_ends[0])) / k
+        return g.at[0].set(g_ends[1]).at[-1].set(g_ends[0])
+    # Uniform in lambda = -gamma/2 between the end points, which pins them exactly.
     return (1.0 - u) * g_ends[1] + u * g_ends[0]
 
 

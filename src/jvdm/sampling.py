@@ -61,11 +61,13 @@ def default_steps(model: model_lib.VDM, sampler: str) -> int:
 
 def default_grid(model: model_lib.VDM, sampler: str) -> str:
     """The grid used when ``grid=None``: ``"time"`` (the model's own ``t_i = i / T``) for ancestral
-    sampling of a discrete-time model, whose bound is that chain; ``"lambda"`` otherwise, so that a
-    continuous-time model's samples depend on its schedule's end points only, not on the interior
-    that a learned schedule shapes for the loss's variance (:mod:`jvdm.samplers`)."""
-    if SAMPLERS[validate.check_sampler(sampler)].is_model_chain and model.timesteps > 0:
-        return "time"
+    sampling of a discrete-time model, whose bound is that chain; ``"karras"`` for ancestral
+    sampling of a continuous-time model, whose digits it drew best on the validation slice; and
+    ``"lambda"`` for DDIM and DPM-Solver++. The last two depend on the schedule's end points only,
+    not on the interior that a learned schedule shapes for the loss's variance
+    (:mod:`jvdm.samplers`)."""
+    if SAMPLERS[validate.check_sampler(sampler)].is_model_chain:
+        return "time" if model.timesteps > 0 else "karras"
     return "lambda"
 
 
@@ -273,9 +275,11 @@ def sample(
       eta: DDIM's stochasticity in ``[0, 1]``: 0 deterministic, 1 ancestral. Only for ``"ddim"``.
       batch_size: images per compiled call (memory bound); default 256.
       grid: the noise levels visited, ``"lambda"`` (uniform in ``lambda = -gamma/2`` between the
-        schedule's end points) or ``"time"`` (``t_i = i / steps``); default ``"time"`` for
-        ancestral sampling of a discrete-time model (its bound's own chain), else ``"lambda"``
-        (:func:`default_grid`). On a linear schedule the two coincide.
+        schedule's end points), ``"karras"`` (uniform in ``(sigma / alpha)^(1/7)`` between them,
+        Karras et al. 2022: shorter steps at the noisy end) or ``"time"`` (``t_i = i / steps``);
+        default ``"time"`` for ancestral sampling of a discrete-time model (its bound's own
+        chain), ``"karras"`` for ancestral sampling of a continuous-time one, else ``"lambda"``
+        (:func:`default_grid`). On a linear schedule ``"lambda"`` and ``"time"`` coincide.
       gaussian_fit: a :class:`jvdm.reference_denoisers.GaussianFit` of the training images
         (:func:`jvdm.reference_denoisers.fit_gaussian`), used with ``gaussian_steps``.
       gaussian_steps: ``k > 0``: the first ``k`` of the ``steps`` steps (the noisiest) take their

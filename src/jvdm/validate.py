@@ -37,8 +37,9 @@ __all__ = [
 ]
 
 SAMPLER_NAMES = ("ancestral", "ddim", "dpm_solver")
-# the grids a sampler can walk: uniform in t, or uniform in lambda = -gamma/2 (jvdm.samplers)
-SAMPLER_GRIDS = ("time", "lambda")
+# the grids a sampler can walk: uniform in t, in lambda = -gamma/2, or in (sigma/alpha)^(1/7)
+# (Karras et al. 2022; jvdm.samplers.gamma_grid)
+SAMPLER_GRIDS = ("time", "lambda", "karras")
 PREDICTIONS = ("eps", "x0", "v")  # what the denoiser outputs
 # w(lambda) of the training loss
 WEIGHTINGS = ("elbo", "sigmoid", "elbo_sigmoid", "edm", "edm_monotone", "v_mse")
