@@ -10,7 +10,7 @@ training images (the floor at that ``N``) and for the test split. Optionally (``
 the ELBO and ODE bpd of the first ``M`` test images, with the probes, evaluations and seconds.
 
 Usage: ``python bench/sampler_table.py --workdir runs/learned_snr [--n 128]
-[--steps 10 20 50 100 250 1000] [--samplers ancestral ddim dpm_solver] [--grid lambda|time]
+[--steps 10 20 50 100 250 1000] [--samplers ancestral ddim dpm_solver] [--grid lambda|karras|time]
 [--ode-images 0] [--gaussian-fraction 0.16]``; without ``--grid`` each sampler walks its default
 grid (:func:`jvdm.sampling.default_grid`). ``--gaussian-fraction F`` gives every row
 ``gaussian_steps = round(F * steps)`` with the Gaussian of the run's training split
