@@ -18,6 +18,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -270,8 +271,10 @@ def test_load_reports_what_it_looked_for(tmp_path):
     ):
         run_lib.load(tmp_path)
     (tmp_path / "checkpoints" / "7").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="no saved config"):
-        run_lib.load(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the missing config is the one thing said, no warning
+        with pytest.raises(FileNotFoundError, match="no saved config"):
+            run_lib.load(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ def _np_log_weight(name, lam):
     if name == "sigmoid":
         return -np.logaddexp(0.0, lam - BIAS)  # log sigmoid(b - lam)
     if name == "elbo_sigmoid":
-        return np.log1p(SCALE / (1.0 + np.exp(lam - BIAS)))  # log(1 + c sigmoid(b - lam))
+        # log(1 + c sigmoid(b - lam)), the sigmoid as exp(-log(1 + e^(lam - b))): no overflow
+        return np.log1p(SCALE * np.exp(-np.logaddexp(0.0, lam - BIAS)))
     if name == "v_mse":
         return -0.5 * lam
     gauss = -0.5 * ((lam - 2.4) / 2.4) ** 2 - np.log(2.4 * np.sqrt(2 * np.pi))

@@ -210,8 +210,8 @@ def load_loss_histogram(path: str | os.PathLike) -> jax.Array:
     from jvdm import integrity
 
     workdir, step_dir = resolve_checkpoint(path)
+    bins = int(load_config(workdir).model.histogram_bins)  # first, as in load_with_config
     step_dir = _verified(path, step_dir)
-    bins = int(load_config(workdir).model.histogram_bins)
     target = {"loss_histogram": jax.ShapeDtypeStruct((2, bins), jnp.float32)}
     try:
         restored = ocp.PyTreeCheckpointer().restore(
@@ -235,8 +235,8 @@ def load_with_config(path: str | os.PathLike, *, raw: bool = False):
     from jvdm import integrity
 
     workdir, step_dir = resolve_checkpoint(path)
+    config = load_config(workdir)  # first: a run without its config warns of nothing, it stops
     step_dir = _verified(path, step_dir)
-    config = load_config(workdir)
     model = build.from_config(config)
     try:
         return _restore_params(step_dir, model, "params" if raw else "ema_params"), config
