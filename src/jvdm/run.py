@@ -201,6 +201,14 @@ def _verified(path, step_dir: pathlib.Path) -> pathlib.Path:
     return step_dir
 
 
+def _config_and_verified_step(path) -> tuple[Any, pathlib.Path]:
+    """The run's saved config and the checkpoint step to read (:func:`_verified`), in that order:
+    a run without its config stops on that alone, before any checksum warning."""
+    workdir, step_dir = resolve_checkpoint(path)
+    config = load_config(workdir)
+    return config, _verified(path, step_dir)
+
+
 def load_loss_histogram(path: str | os.PathLike) -> jax.Array:
     """The loss histogram over ``lambda`` saved with a checkpoint (``TrainState.loss_histogram``,
     ``[2, model.histogram_bins]``; :mod:`jvdm.noise_sampling`), for a run directory (its latest
@@ -209,9 +217,8 @@ def load_loss_histogram(path: str | os.PathLike) -> jax.Array:
 
     from jvdm import integrity
 
-    workdir, step_dir = resolve_checkpoint(path)
-    bins = int(load_config(workdir).model.histogram_bins)  # first, as in load_with_config
-    step_dir = _verified(path, step_dir)
+    config, step_dir = _config_and_verified_step(path)
+    bins = int(config.model.histogram_bins)
     target = {"loss_histogram": jax.ShapeDtypeStruct((2, bins), jnp.float32)}
     try:
         restored = ocp.PyTreeCheckpointer().restore(
@@ -234,9 +241,7 @@ def load_with_config(path: str | os.PathLike, *, raw: bool = False):
     ``raw=True`` the raw parameters of the same checkpoint instead of their EMA."""
     from jvdm import integrity
 
-    workdir, step_dir = resolve_checkpoint(path)
-    config = load_config(workdir)  # first: a run without its config warns of nothing, it stops
-    step_dir = _verified(path, step_dir)
+    config, step_dir = _config_and_verified_step(path)
     model = build.from_config(config)
     try:
         return _restore_params(step_dir, model, "params" if raw else "ema_params"), config
